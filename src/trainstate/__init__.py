@@ -1,0 +1,36 @@
+"""trainstate: save and resume the complete state of a PyTorch training run, exactly and safely."""
+
+from __future__ import annotations
+
+from trainstate._version import __version__
+from trainstate.api import load, save
+from trainstate.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointLockedError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    StateMismatchError,
+    UnsafeCheckpointError,
+    UnsupportedFormatError,
+    UnsupportedValueError,
+)
+from trainstate.rng import RNGState
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointLockedError",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "CorruptCheckpointError",
+    "RNGState",
+    "StateMismatchError",
+    "UnsafeCheckpointError",
+    "UnsupportedFormatError",
+    "UnsupportedValueError",
+    "__version__",
+    "load",
+    "save",
+]

@@ -1,0 +1,236 @@
+"""``save`` and ``load``: one-shot checkpoints of nested state with live objects restored in place."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from trainstate.errors import CheckpointError, CorruptCheckpointError, StateMismatchError, UnsupportedValueError
+from trainstate.format.codec import TAG, Path, format_path, is_stateful
+from trainstate.format.reader import CheckpointReader, MapLocation, TensorLoader
+from trainstate.format.writer import DEFAULT_SHARD_BYTES, write_checkpoint
+from trainstate.storage import Storage, split_path
+
+__all__ = ["load", "restore", "save", "save_to"]
+
+logger = logging.getLogger(__name__)
+
+LOCK_TIMEOUT_S = 30.0
+"""How long a one-shot `save` waits for another writer in the same directory."""
+
+
+def save(
+    path: str | os.PathLike[str],
+    state: Mapping[str, Any],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = True,
+    allow_pickle: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> None:
+    """Save ``state`` as a checkpoint directory at ``path``, atomically.
+
+    Live objects (anything with ``state_dict()``/``load_state_dict()``) are saved through their
+    state dict; tensors go to safetensors files, everything else to ``manifest.json``. Either the
+    whole checkpoint is committed or nothing changes on disk; an existing checkpoint at ``path``
+    is replaced in one atomic step.
+
+    Args:
+        path: Directory to create (its parent is created if needed).
+        state: Mapping of names to live objects, tensors and plain values.
+        metadata: JSON-like values stored in the manifest (readable without loading tensors).
+        overwrite: Replace an existing checkpoint at ``path``; if False, raise CheckpointExistsError.
+        allow_pickle: Pickle values of unsupported types instead of raising (loading then needs it too).
+        shard_bytes: Target size of each tensor file; files are written in parallel.
+
+    Example:
+        >>> import torch, trainstate
+        >>> model = torch.nn.Linear(2, 2)
+        >>> trainstate.save("/tmp/ts-doc/ckpt", {"model": model, "epoch": 3})
+        >>> trainstate.load("/tmp/ts-doc/ckpt", {"model": model})["epoch"]
+        3
+    """
+    storage, name = split_path(path)
+    storage.lock(timeout=LOCK_TIMEOUT_S)
+    try:
+        storage.cleanup()
+        save_to(storage, name, state, metadata=metadata, overwrite=overwrite, allow_pickle=allow_pickle,
+                shard_bytes=shard_bytes)
+    finally:
+        storage.unlock()
+
+
+def save_to(storage: Storage, name: str, state: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = None,
+            overwrite: bool = True, allow_pickle: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
+            environment: dict[str, Any] | None = None) -> None:
+    """`save` into a storage whose writer lock the caller already holds."""
+    where = os.path.join(storage.root, name)
+    if not isinstance(state, Mapping):
+        raise UnsupportedValueError(f"{where}: state must be a mapping of names to values, got {type(state).__name__}")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise UnsupportedValueError(f"{where}: metadata must be a mapping, got {type(metadata).__name__}")
+    tree = state if isinstance(state, dict) else dict(state)
+    write_checkpoint(storage.begin(name, overwrite=overwrite), tree, metadata=dict(metadata or {}),
+                     environment_extra=environment, allow_pickle=allow_pickle, shard_bytes=shard_bytes, where=where)
+
+
+def load(
+    path: str | os.PathLike[str],
+    state: Mapping[str, Any] | None = None,
+    *,
+    map_location: MapLocation = None,
+    strict: bool = True,
+    verify: bool = True,
+    allow_pickle: bool = False,
+) -> dict[str, Any]:
+    """Load a checkpoint; restore live objects in ``state`` in place and return the saved entries.
+
+    Without ``state`` the saved tree comes back as plain data, as ``torch.load`` would return it.
+    With ``state``, each live object in it is restored with ``load_state_dict`` (tensors are read
+    straight into existing CPU parameters where they fit) and appears as itself in the result.
+
+    Args:
+        path: A checkpoint directory written by `save`.
+        state: Optional mapping like the one saved, holding the live objects to restore.
+        map_location: As for ``torch.load``: a device, a string, a ``{saved: target}`` dict, or a
+            callable ``(storage, location) -> storage``. By default tensors return to the device
+            they were saved from, or to the CPU when that device does not exist here.
+        strict: Raise StateMismatchError on missing/unexpected keys and shape mismatches.
+        verify: Check content hashes (on by default; disable only for trusted hot paths).
+        allow_pickle: Permit values that were saved with ``allow_pickle=True``.
+
+    Example:
+        >>> import torch, trainstate
+        >>> trainstate.save("/tmp/ts-doc/plain", {"w": torch.ones(2), "step": 7})
+        >>> trainstate.load("/tmp/ts-doc/plain")
+        {'w': tensor([1., 1.]), 'step': 7}
+    """
+    storage, name = split_path(path)
+    return restore(CheckpointReader(storage, name), state, map_location=map_location, strict=strict, verify=verify,
+                   allow_pickle=allow_pickle)
+
+
+def restore(reader: CheckpointReader, state: Mapping[str, Any] | None = None, *, map_location: MapLocation = None,
+            strict: bool = True, verify: bool = True, allow_pickle: bool = False) -> dict[str, Any]:
+    """`load` from an opened checkpoint."""
+    destinations: dict[Path, torch.Tensor] = {}
+    loader = TensorLoader(reader, map_location=map_location, verify=verify, destinations=destinations.get)
+    restorer = _Restorer(reader, loader, destinations, strict=strict, allow_pickle=allow_pickle)
+    if state is None:
+        result = reader.decode(reader.manifest.tree, loader, allow_pickle=allow_pickle)
+    else:
+        result = restorer.walk(reader.manifest.tree, state, ())
+    if not isinstance(result, dict):
+        raise CorruptCheckpointError(f"{reader.where}: the saved state is a {type(result).__name__}, not a mapping")
+    loader.fill()
+    restorer.apply()
+    return result
+
+
+def _flatten(value: Any, path: Path, out: dict[Path, torch.Tensor]) -> None:
+    if isinstance(value, torch.Tensor):
+        out[path] = value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _flatten(v, (*path, k), out)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _flatten(v, (*path, i), out)
+
+
+def _contains_stateful(value: Any) -> bool:
+    if is_stateful(value):
+        return True
+    if isinstance(value, Mapping):
+        return any(_contains_stateful(v) for v in value.values())
+    return False
+
+
+class _Restorer:
+    """Walks the target state beside the saved tree; collects live objects to restore after the read."""
+
+    def __init__(self, reader: CheckpointReader, loader: TensorLoader, destinations: dict[Path, torch.Tensor], *,
+                 strict: bool, allow_pickle: bool) -> None:
+        self._reader = reader
+        self._loader = loader
+        self._destinations = destinations
+        self._strict = strict
+        self._allow_pickle = allow_pickle
+        self._pending: list[tuple[Any, Any, Path]] = []
+
+    def _decode(self, node: Any, path: Path) -> Any:
+        return self._reader.decode(node, self._loader, allow_pickle=self._allow_pickle, path=path)
+
+    def _children(self, node: dict[str, Any], path: Path) -> list[tuple[Any, Any]]:
+        if isinstance(node.get("v"), dict):
+            return list(node["v"].items())
+        items = node.get("items")
+        if not isinstance(items, list) or not all(isinstance(p, list) and len(p) == 2 for p in items):
+            raise CorruptCheckpointError(f"{self._reader.where}: {format_path(path)}: malformed dict")
+        return [(self._decode(k, path), v) for k, v in items]
+
+    def walk(self, node: Any, target: Any, path: Path) -> Any:
+        tag = node.get(TAG) if isinstance(node, dict) else None
+        if is_stateful(target):
+            return self._live(node["v"] if tag == "stateful" and "v" in node else node, target, path)
+        if not isinstance(target, Mapping) or tag not in ("dict", "odict"):
+            return self._decode(node, path)
+        result: dict[Any, Any] = {}
+        for key, child in self._children(node, path):
+            result[key] = self.walk(child, target[key], (*path, key)) if key in target else self._decode(child, (*path, key))
+        for key, value in target.items():
+            if key not in result and _contains_stateful(value):
+                self._mismatch(f"key {format_path((*path, key))!r}: missing from the checkpoint "
+                               f"(saved keys: {', '.join(map(str, result)) or 'none'})")
+        return result
+
+    def _live(self, node: Any, target: Any, path: Path) -> Any:
+        live_state = target.state_dict()
+        current: dict[Path, torch.Tensor] = {}
+        _flatten(live_state, path, current)
+        self._destinations.update(current)
+        decoded = self._decode(node, path)
+        if isinstance(target, torch.nn.Module):
+            decoded = self._check_module(decoded, live_state, path)
+        self._pending.append((target, decoded, path))
+        return target
+
+    def _check_module(self, decoded: Any, expected: Mapping[str, Any], path: Path) -> Any:
+        if not isinstance(decoded, Mapping):
+            raise StateMismatchError(f"{self._reader.where}: key {format_path(path)!r}: saved value is a "
+                                     f"{type(decoded).__name__}, not a module state dict")
+        missing = [k for k in expected if k not in decoded]
+        unexpected = [k for k in decoded if k not in expected]
+        if missing or unexpected:
+            self._mismatch(f"key {format_path(path)!r}: missing keys {missing}, unexpected keys {unexpected}")
+        for key, saved in list(decoded.items()):
+            live = expected.get(key)
+            if isinstance(saved, torch.Tensor) and isinstance(live, torch.Tensor) and saved.shape != live.shape:
+                self._mismatch(f"key {format_path((*path, key))!r}: shape {list(saved.shape)} in the checkpoint, "
+                               f"{list(live.shape)} in the live object")
+                del decoded[key]
+        return decoded
+
+    def _mismatch(self, message: str) -> None:
+        if self._strict:
+            raise StateMismatchError(f"{self._reader.where}: {message}")
+        logger.warning("%s: %s (ignored, strict=False)", self._reader.where, message)
+
+    def apply(self) -> None:
+        for target, decoded, path in self._pending:
+            try:
+                if isinstance(target, torch.nn.Module):
+                    target.load_state_dict(decoded, strict=self._strict)
+                else:
+                    target.load_state_dict(decoded)
+            except CheckpointError:
+                raise
+            except Exception as exc:
+                raise StateMismatchError(
+                    f"{self._reader.where}: key {format_path(path)!r}: {type(target).__name__}.load_state_dict "
+                    f"rejected the saved state: {exc}".replace("\n", " ")
+                ) from exc

@@ -1,0 +1,19 @@
+"""The on-disk format: manifest, value codec, safetensors tensor files, hashing and validation."""
+
+from __future__ import annotations
+
+from trainstate.format.manifest import FORMAT_VERSION, MANIFEST_NAME, FileEntry, Manifest
+from trainstate.format.reader import CheckpointReader, MapLocation, TensorLoader, read_manifest
+from trainstate.format.writer import write_checkpoint
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "CheckpointReader",
+    "FileEntry",
+    "Manifest",
+    "MapLocation",
+    "TensorLoader",
+    "read_manifest",
+    "write_checkpoint",
+]

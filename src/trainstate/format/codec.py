@@ -1,0 +1,292 @@
+"""The value codec: nested Python/torch/numpy values <-> the JSON tree stored in the manifest.
+
+Plain JSON values stand for themselves (str, bool, None, finite floats, ints below 2**53, lists);
+everything else is an object tagged by ``"@"``. Each tag has one `Codec` in a registry, so adding
+a type is adding an entry, not another branch. Tensors are not embedded: the encoder hands them to
+a `TensorSink` and stores a reference; the decoder asks a `TensorSource` for them.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import pickle
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from trainstate.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, UnsupportedValueError
+from trainstate.format.tensorfile import dtype_from_name, dtype_name
+
+__all__ = ["Codec", "Decoder", "Encoder", "TensorSink", "TensorSource", "format_path", "is_stateful"]
+
+TAG = "@"
+MAX_DEPTH = 200
+_SAFE_INT = 2**53
+Path = tuple[Any, ...]
+
+
+def format_path(path: Path) -> str:
+    """``("optimizer", "state", 0, "exp_avg")`` -> ``"optimizer.state.0.exp_avg"``."""
+    return ".".join(str(p) for p in path) if path else "<root>"
+
+
+def is_stateful(value: object) -> bool:
+    """Whether ``value`` is a live object saved through ``state_dict()``/``load_state_dict()``."""
+    return (not isinstance(value, (torch.Tensor, dict, type)) and callable(getattr(value, "state_dict", None))
+            and callable(getattr(value, "load_state_dict", None)))
+
+
+class TensorSink(Protocol):
+    def add(self, path: Path, tensor: torch.Tensor) -> dict[str, Any]: ...
+
+
+class TensorSource(Protocol):
+    def get(self, ref: dict[str, Any], path: Path) -> torch.Tensor: ...
+
+
+@dataclass
+class Encoder:
+    """Encodes one value tree; ``sink`` receives tensors (None forbids them, e.g. in metadata)."""
+
+    sink: TensorSink | None
+    allow_pickle: bool = False
+    where: str = ""
+
+    def encode(self, value: Any, path: Path = ()) -> Any:
+        if len(path) > MAX_DEPTH:
+            raise UnsupportedValueError(f"{self.where}{format_path(path)}: nested deeper than {MAX_DEPTH} levels")
+        kind = type(value)
+        if kind is str or kind is bool or value is None:
+            return value
+        codec = _BY_TYPE.get(kind) or _by_isinstance(value)
+        if codec is None and is_stateful(value):
+            codec = _BY_TAG["stateful"]
+        if codec is None:
+            if self.allow_pickle:
+                return {TAG: "pickle", "v": base64.b64encode(pickle.dumps(value)).decode()}
+            raise UnsupportedValueError(
+                f"{self.where}{format_path(path)}: cannot save a value of type {kind.__module__}.{kind.__qualname__} "
+                "without pickle; convert it to a supported type, give it state_dict()/load_state_dict(), "
+                "or pass allow_pickle=True"
+            )
+        return codec.encode(value, path, self)
+
+    def tensor(self, tensor: torch.Tensor, path: Path) -> dict[str, Any]:
+        if self.sink is None:
+            raise UnsupportedValueError(f"{self.where}{format_path(path)}: tensors are not allowed here (metadata is JSON only)")
+        return self.sink.add(path, tensor)
+
+
+@dataclass
+class Decoder:
+    """Decodes a JSON tree; ``source`` provides tensors referenced from it."""
+
+    source: TensorSource | None
+    allow_pickle: bool = False
+    where: str = ""
+
+    def decode(self, node: Any, path: Path = ()) -> Any:
+        if len(path) > MAX_DEPTH:
+            raise CorruptCheckpointError(f"{self.where}: {format_path(path)}: nested deeper than {MAX_DEPTH} levels")
+        if isinstance(node, list):
+            return [self.decode(item, (*path, i)) for i, item in enumerate(node)]
+        if not isinstance(node, dict):
+            return node
+        tag = node.get(TAG)
+        codec = _BY_TAG.get(tag) if isinstance(tag, str) else None
+        if codec is None:
+            raise CorruptCheckpointError(f"{self.where}: {format_path(path)}: unknown value tag {tag!r}")
+        try:
+            return codec.decode(node, path, self)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, OverflowError, IndexError, AttributeError) as exc:
+            raise CorruptCheckpointError(f"{self.where}: {format_path(path)}: malformed {tag!r} value ({exc})") from None
+
+    def tensor(self, node: dict[str, Any], path: Path) -> torch.Tensor:
+        if self.source is None:
+            raise CorruptCheckpointError(f"{self.where}: {format_path(path)}: tensor reference where none is allowed")
+        return self.source.get(node, path)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One tagged value kind: which Python types it takes and how they map to JSON."""
+
+    tag: str
+    types: tuple[type, ...]
+    encode: Callable[[Any, Path, Encoder], Any]
+    decode: Callable[[dict[str, Any], Path, Decoder], Any]
+
+
+def _key(key: Any, path: Path, enc: Encoder) -> Any:
+    if isinstance(key, (torch.Tensor, np.ndarray)):
+        raise UnsupportedValueError(f"{enc.where}{format_path(path)}: dict key of type {type(key).__name__} is not supported")
+    return enc.encode(key, path)
+
+
+def _encode_dict(value: dict[Any, Any], path: Path, enc: Encoder) -> dict[str, Any]:
+    tag = "odict" if type(value) is OrderedDict else "dict"
+    if all(type(k) is str for k in value):
+        node = {TAG: tag, "v": {k: enc.encode(v, (*path, k)) for k, v in value.items()}}
+    else:
+        node = {TAG: tag, "items": [[_key(k, path, enc), enc.encode(v, (*path, k))] for k, v in value.items()]}
+    # nn.Module state dicts carry per-module versions in `_metadata`; load_state_dict reads them.
+    extra = getattr(value, "_metadata", None)
+    if tag == "odict" and isinstance(extra, dict):
+        node["meta"] = enc.encode(extra, (*path, "_metadata"))
+    return node
+
+
+def _decode_dict(node: dict[str, Any], path: Path, dec: Decoder) -> dict[Any, Any]:
+    out: dict[Any, Any] = OrderedDict() if node[TAG] == "odict" else {}
+    if "v" in node:
+        if not isinstance(node["v"], dict):
+            raise TypeError("'v' must be an object")
+        for k, v in node["v"].items():
+            out[k] = dec.decode(v, (*path, k))
+    else:
+        for pair in node["items"]:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise TypeError("items must be [key, value] pairs")
+            k = dec.decode(pair[0], path)
+            hash(k)
+            out[k] = dec.decode(pair[1], (*path, k))
+    if "meta" in node and isinstance(out, OrderedDict):
+        out._metadata = dec.decode(node["meta"], (*path, "_metadata"))  # type: ignore[attr-defined]
+    return out
+
+
+def _encode_int(value: int, path: Path, enc: Encoder) -> Any:
+    return value if -_SAFE_INT < value < _SAFE_INT else {TAG: "int", "v": str(value)}
+
+
+def _encode_float(value: float, path: Path, enc: Encoder) -> Any:
+    return value if math.isfinite(value) else {TAG: "float", "v": repr(value)}
+
+
+def _decode_float(node: dict[str, Any], path: Path, dec: Decoder) -> float:
+    if node["v"] not in ("nan", "inf", "-inf"):
+        raise ValueError(f"not a non-finite float: {node['v']!r}")
+    return float(node["v"])
+
+
+def _decode_big_int(node: dict[str, Any], path: Path, dec: Decoder) -> int:
+    text = node["v"]
+    if not isinstance(text, str) or len(text) > 4000:
+        raise ValueError("int must be a decimal string")
+    return int(text)
+
+
+def _b64(node: dict[str, Any]) -> bytes:
+    return base64.b64decode(node["v"], validate=True)
+
+
+def _encode_tensor(value: torch.Tensor, path: Path, enc: Encoder) -> dict[str, Any]:
+    if value.is_sparse or value.layout != torch.strided:
+        raise UnsupportedValueError(f"{enc.where}{format_path(path)}: {value.layout} tensors are not supported; call .to_dense()")
+    if value.is_quantized or value.device.type == "meta":
+        raise UnsupportedValueError(f"{enc.where}{format_path(path)}: {'quantized' if value.is_quantized else 'meta'} tensors cannot be saved")
+    ref = enc.tensor(value, path)
+    if isinstance(value, torch.nn.Parameter):
+        ref = {**ref, "param": True, "requires_grad": value.requires_grad}
+    return ref
+
+
+def _encode_ndarray(value: np.ndarray, path: Path, enc: Encoder) -> dict[str, Any]:
+    if value.dtype.hasobject or value.dtype.fields is not None or value.dtype.kind not in "biufc":
+        raise UnsupportedValueError(f"{enc.where}{format_path(path)}: numpy arrays of dtype {value.dtype} are not supported")
+    native = np.ascontiguousarray(value).astype(value.dtype.newbyteorder("="), copy=False)
+    try:
+        tensor = torch.from_numpy(native)
+    except TypeError:
+        raise UnsupportedValueError(f"{enc.where}{format_path(path)}: numpy dtype {value.dtype} has no torch equivalent") from None
+    return {**enc.tensor(tensor, path), TAG: "ndarray", "np_dtype": value.dtype.str}
+
+
+def _decode_ndarray(node: dict[str, Any], path: Path, dec: Decoder) -> np.ndarray:
+    dtype = np.dtype(node["np_dtype"])
+    if dtype.hasobject or dtype.kind not in "biufc":
+        raise ValueError(f"numpy dtype {dtype} is not allowed")
+    array = dec.tensor(node, path).cpu().numpy()
+    if array.dtype != dtype.newbyteorder("="):
+        raise ValueError(f"stored dtype {array.dtype} does not match {dtype}")
+    return array.astype(dtype, copy=False)
+
+
+def _encode_npscalar(value: np.generic, path: Path, enc: Encoder) -> dict[str, Any]:
+    if value.dtype.kind not in "biufc":
+        raise UnsupportedValueError(f"{enc.where}{format_path(path)}: numpy scalars of dtype {value.dtype} are not supported")
+    return {TAG: "npscalar", "dtype": value.dtype.str, "v": base64.b64encode(value.tobytes()).decode()}
+
+
+def _decode_npscalar(node: dict[str, Any], path: Path, dec: Decoder) -> np.generic:
+    dtype = np.dtype(node["dtype"])
+    if dtype.kind not in "biufc":
+        raise ValueError(f"numpy dtype {dtype} is not allowed")
+    return np.frombuffer(_b64(node), dtype=dtype, count=1)[0]
+
+
+def _decode_pickle(node: dict[str, Any], path: Path, dec: Decoder) -> Any:
+    if not dec.allow_pickle:
+        raise UnsafeCheckpointError(
+            f"{dec.where}: {format_path(path)}: value was saved with pickle; pass allow_pickle=True only if you trust this file"
+        )
+    return pickle.loads(_b64(node))  # noqa: S301 - explicit opt-in above
+
+
+def _encode_stateful(value: Any, path: Path, enc: Encoder) -> dict[str, Any]:
+    kind = type(value)
+    return {TAG: "stateful", "type": f"{kind.__module__}.{kind.__qualname__}", "v": enc.encode(value.state_dict(), path)}
+
+
+def _decode_device(node: dict[str, Any], path: Path, dec: Decoder) -> torch.device:
+    if not isinstance(node["v"], str) or len(node["v"]) > 64:
+        raise ValueError("device must be a short string")
+    return torch.device(node["v"])
+
+
+_CODECS = [
+    Codec("dict", (dict, OrderedDict), _encode_dict, _decode_dict),
+    Codec("odict", (), _encode_dict, _decode_dict),
+    Codec("tuple", (tuple,), lambda v, p, e: {TAG: "tuple", "v": [e.encode(x, (*p, i)) for i, x in enumerate(v)]},
+          lambda n, p, d: tuple(d.decode(n["v"], p)) if isinstance(n["v"], list) else _malformed()),
+    Codec("list", (list,), lambda v, p, e: [e.encode(x, (*p, i)) for i, x in enumerate(v)], lambda n, p, d: _malformed()),
+    Codec("int", (int,), _encode_int, _decode_big_int),
+    Codec("float", (float,), _encode_float, _decode_float),
+    Codec("bytes", (bytes,), lambda v, p, e: {TAG: "bytes", "v": base64.b64encode(v).decode()}, lambda n, p, d: _b64(n)),
+    Codec("size", (torch.Size,), lambda v, p, e: {TAG: "size", "v": list(v)},
+          lambda n, p, d: torch.Size([int(x) for x in n["v"]])),
+    Codec("dtype", (torch.dtype,), lambda v, p, e: {TAG: "dtype", "v": dtype_name(v)},
+          lambda n, p, d: dtype_from_name(n["v"], where=f"{d.where}: {format_path(p)}")),
+    Codec("device", (torch.device,), lambda v, p, e: {TAG: "device", "v": str(v)}, _decode_device),
+    Codec("tensor", (torch.Tensor, torch.nn.Parameter), _encode_tensor, lambda n, p, d: d.tensor(n, p)),
+    Codec("ndarray", (np.ndarray,), _encode_ndarray, _decode_ndarray),
+    Codec("npscalar", (), _encode_npscalar, _decode_npscalar),
+    Codec("stateful", (), _encode_stateful, lambda n, p, d: d.decode(n["v"], p)),
+    Codec("pickle", (), lambda v, p, e: None, _decode_pickle),
+]
+
+
+def _malformed() -> Any:
+    raise TypeError("malformed value")
+
+
+_BY_TYPE: dict[type, Codec] = {t: c for c in _CODECS for t in c.types}
+_BY_TAG: dict[str, Codec] = {c.tag: c for c in _CODECS if c.tag != "list"}
+
+
+def _by_isinstance(value: object) -> Codec | None:
+    """Subclasses we accept: tensor subclasses (Parameter, buffers) and numpy scalars/arrays."""
+    if isinstance(value, torch.Tensor):
+        return _BY_TAG["tensor"]
+    if isinstance(value, np.ndarray):
+        return _BY_TAG["ndarray"]
+    if isinstance(value, np.generic):
+        return _BY_TAG["npscalar"]
+    return None

@@ -1,0 +1,236 @@
+"""Reading a checkpoint: manifest first, headers validated before allocation, hashes verified."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Union
+
+import torch
+
+from trainstate.errors import CheckpointNotFoundError, CorruptCheckpointError
+from trainstate.format.codec import Decoder, Path, format_path
+from trainstate.format.hashing import new_hasher
+from trainstate.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest
+from trainstate.format.tensorfile import HeaderEntry, byte_view, dtype_from_name, read_exact_into, read_header, stored_as
+from trainstate.storage.base import Storage
+
+__all__ = ["CheckpointReader", "MapLocation", "TensorLoader", "read_manifest"]
+
+logger = logging.getLogger(__name__)
+
+MapLocation = Union[None, str, torch.device, dict[str, str], Callable[[Any, str], Any]]
+Destinations = Callable[[Path], "torch.Tensor | None"]
+_CHUNK = 16 << 20
+_MAX_READERS = 4
+
+
+class CheckpointReader:
+    """One committed checkpoint: its validated manifest, and access to its files."""
+
+    def __init__(self, storage: Storage, name: str) -> None:
+        self.storage = storage
+        self.name = name
+        self.where = os.path.join(storage.root, name)
+        if not storage.exists(name):
+            raise CheckpointNotFoundError(f"{self.where}: no such checkpoint")
+        if not storage.exists(name, MANIFEST_NAME):
+            raise CheckpointNotFoundError(f"{self.where}: no {MANIFEST_NAME}; not a committed trainstate checkpoint")
+        with storage.open(name, MANIFEST_NAME) as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+        self.manifest = Manifest.from_json(data, where=os.path.join(self.where, MANIFEST_NAME))
+        self._files = {entry.name: entry for entry in self.manifest.files}
+
+    def file(self, name: str, *, where: str) -> FileEntry:
+        entry = self._files.get(name) if isinstance(name, str) else None
+        if entry is None:
+            raise CorruptCheckpointError(f"{self.where}: {where}: refers to file {name!r} that the manifest does not list")
+        return entry
+
+    def open_checked(self, entry: FileEntry) -> BinaryIO:
+        """Open a data file after checking its size against the manifest."""
+        path = os.path.join(self.where, entry.name)
+        f = self.storage.open(self.name, entry.name)
+        actual = os.fstat(f.fileno()).st_size if hasattr(f, "fileno") else self.storage.size(self.name, entry.name)
+        if actual != entry.size:
+            f.close()
+            raise CorruptCheckpointError(f"{path}: size is {actual} bytes, manifest says {entry.size} (truncated or replaced)")
+        return f
+
+    def verify_file(self, entry: FileEntry) -> None:
+        """Check size, safetensors header and content hash of one file."""
+        with self.open_checked(entry) as f:
+            read_header(f, entry.size, where=os.path.join(self.where, entry.name))
+            f.seek(0)
+            _hash_stream(f, entry, os.path.join(self.where, entry.name))
+
+    def verify(self) -> None:
+        """Check every file of the checkpoint; raises CorruptCheckpointError naming the first bad one."""
+        for entry in self.manifest.files:
+            self.verify_file(entry)
+
+    def decode(self, node: Any, loader: TensorLoader | None, *, allow_pickle: bool = False, path: Path = ()) -> Any:
+        """Decode a subtree of the manifest, allocating (not yet filling) its tensors in ``loader``."""
+        return Decoder(loader, allow_pickle=allow_pickle, where=self.where).decode(node, path)
+
+    def metadata(self) -> Any:
+        return self.decode(self.manifest.metadata, None)
+
+
+def _hash_stream(f: BinaryIO, entry: FileEntry, where: str) -> None:
+    hasher = new_hasher()
+    buffer = bytearray(min(_CHUNK, max(entry.size, 1)))
+    view = memoryview(buffer)
+    remaining = entry.size
+    while remaining:
+        n = f.readinto(view[: min(len(view), remaining)])
+        if not n:
+            raise CorruptCheckpointError(f"{where}: file ended early (truncated)")
+        hasher.update(view[:n])
+        remaining -= n
+    if hasher.hexdigest() != entry.hash:
+        raise CorruptCheckpointError(f"{where}: content hash mismatch (the file is damaged or was modified)")
+
+
+@dataclass
+class _Job:
+    entry: HeaderEntry
+    target: torch.Tensor  # CPU, contiguous: the bytes are read straight into it
+    in_place: bool
+    finals: list[torch.Tensor] = field(default_factory=list)  # device copies filled after the read
+
+
+class TensorLoader:
+    """Tensor source for decoding: allocates each referenced tensor, then `fill` reads them all.
+
+    ``destinations`` may offer an existing tensor (a live parameter) for a path; if its dtype,
+    shape and layout fit, bytes go straight into it and no second copy of the state is held. Such
+    files are hash-verified before any byte lands in a live tensor.
+    """
+
+    def __init__(self, reader: CheckpointReader, *, map_location: MapLocation = None, verify: bool = True,
+                 destinations: Destinations | None = None) -> None:
+        self._reader = reader
+        self._map_location = map_location
+        self._verify = verify
+        self._destinations = destinations
+        self._headers: dict[str, dict[str, HeaderEntry]] = {}
+        self._jobs: dict[str, dict[str, _Job]] = {}
+        self._used_destinations: set[int] = set()
+        self._warned_devices: set[str] = set()
+
+    def _header(self, entry: FileEntry) -> dict[str, HeaderEntry]:
+        if entry.name not in self._headers:
+            with self._reader.open_checked(entry) as f:
+                _, self._headers[entry.name] = read_header(f, entry.size, where=os.path.join(self._reader.where, entry.name))
+        return self._headers[entry.name]
+
+    def get(self, ref: dict[str, Any], path: Path) -> torch.Tensor:
+        where = f"key {format_path(path)!r}"
+        entry = self._reader.file(ref.get("file"), where=where)  # type: ignore[arg-type]
+        key, shape_raw = ref.get("key"), ref.get("shape")
+        dtype = dtype_from_name(ref.get("dtype"), where=f"{self._reader.where}: {where}")
+        if not isinstance(shape_raw, list) or not all(type(d) is int and d >= 0 for d in shape_raw):
+            raise CorruptCheckpointError(f"{self._reader.where}: {where}: invalid shape {shape_raw!r}")
+        shape = tuple(shape_raw)
+        header = self._header(entry)
+        stored = header.get(key) if isinstance(key, str) else None
+        file_where = os.path.join(self._reader.where, entry.name)
+        if stored is None:
+            raise CorruptCheckpointError(f"{file_where}: {where}: tensor {key!r} is missing from the file")
+        if (stored.st_dtype, stored.shape) != stored_as(dtype, shape):
+            raise CorruptCheckpointError(
+                f"{file_where}: {where}: stored as {stored.st_dtype}{list(stored.shape)}, manifest says {dtype}{list(shape)}")
+        jobs = self._jobs.setdefault(entry.name, {})
+        job = jobs.get(key)
+        if job is None:
+            job = jobs[key] = self._new_job(stored, dtype, shape, path)
+        device = self._device_for(str(ref.get("device", "cpu")))
+        tensor = job.target
+        if device is not None and device != tensor.device:
+            tensor = next((t for t in job.finals if t.device == device), None) or torch.empty(shape, dtype=dtype, device=device)
+            if all(t is not tensor for t in job.finals):
+                job.finals.append(tensor)
+        if ref.get("param"):
+            tensor = torch.nn.Parameter(tensor, requires_grad=bool(ref.get("requires_grad", True)))
+        return tensor
+
+    def _new_job(self, stored: HeaderEntry, dtype: torch.dtype, shape: tuple[int, ...], path: Path) -> _Job:
+        dest = self._destinations(path) if self._destinations else None
+        if (isinstance(dest, torch.Tensor) and dest.dtype == dtype and tuple(dest.shape) == shape
+                and dest.device.type == "cpu" and dest.is_contiguous() and id(dest) not in self._used_destinations
+                and not dest.is_conj() and not dest.is_neg()):
+            self._used_destinations.add(id(dest))
+            return _Job(stored, dest.detach(), in_place=True)
+        return _Job(stored, torch.empty(shape, dtype=dtype), in_place=False)
+
+    def _device_for(self, saved: str) -> torch.device | None:
+        """Where a tensor saved on ``saved`` goes; None keeps the CPU copy."""
+        loc = self._map_location
+        if callable(loc):
+            probe = loc(torch.UntypedStorage(0), saved)
+            return None if probe is None else probe.device
+        if isinstance(loc, dict):
+            loc = loc.get(saved)
+        if loc is not None:
+            return torch.device(loc)
+        device = torch.device(saved)
+        if device.type == "cpu" or device.type == "meta":
+            return None
+        available = device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+        if device.type == "mps":
+            available = torch.backends.mps.is_available()
+        if available:
+            return device
+        if saved not in self._warned_devices:
+            self._warned_devices.add(saved)
+            logger.warning("%s: tensors saved on %s are loaded on cpu (device not available here)", self._reader.where, saved)
+        return None
+
+    def fill(self) -> None:
+        """Read (and verify) every allocated tensor. Raises CorruptCheckpointError on any mismatch."""
+        names = [e.name for e in self._reader.manifest.files if e.name in self._jobs or self._verify]
+        if len(names) <= 1:
+            for name in names:
+                self._fill_file(name)
+            return
+        with ThreadPoolExecutor(max_workers=min(_MAX_READERS, len(names))) as pool:
+            for future in [pool.submit(self._fill_file, n) for n in names]:
+                future.result()
+
+    def _fill_file(self, name: str) -> None:
+        entry = self._reader.file(name, where="file list")
+        jobs = sorted(self._jobs.get(name, {}).values(), key=lambda j: j.entry.start)
+        where = os.path.join(self._reader.where, name)
+        covered = sum(j.entry.end - j.entry.start for j in jobs)
+        header_len = jobs[0].entry.start if jobs else 0
+        stream_hash = self._verify and jobs and not any(j.in_place for j in jobs) and header_len + covered == entry.size
+        with self._reader.open_checked(entry) as f:
+            if self._verify and not stream_hash:
+                _hash_stream(f, entry, where)
+            f.seek(0)
+            hasher = new_hasher() if stream_hash else None
+            if hasher is not None:
+                head = bytearray(header_len)
+                read_exact_into(f, memoryview(head), where=where)
+                hasher.update(head)
+            for job in jobs:
+                f.seek(job.entry.start)
+                view = byte_view(job.target)
+                read_exact_into(f, view, where=where)
+                if hasher is not None:
+                    hasher.update(view)
+            if hasher is not None and hasher.hexdigest() != entry.hash:
+                raise CorruptCheckpointError(f"{where}: content hash mismatch (the file is damaged or was modified)")
+        for job in jobs:
+            for final in job.finals:
+                final.copy_(job.target)
+
+
+def read_manifest(storage: Storage, name: str) -> Manifest:
+    """The validated manifest of checkpoint ``name``."""
+    return CheckpointReader(storage, name).manifest
+

@@ -1,0 +1,134 @@
+"""Writing a checkpoint: encode the state, lay tensors into shards, write them in parallel, manifest last."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from trainstate._version import __version__
+from trainstate.errors import CheckpointError, CheckpointWriteError
+from trainstate.format.codec import TAG, Encoder, Path, format_path
+from trainstate.format.hashing import new_hasher
+from trainstate.format.manifest import MANIFEST_NAME, FileEntry, Manifest
+from trainstate.format.tensorfile import dtype_name, encode_file
+from trainstate.storage.base import PendingCheckpoint
+
+__all__ = ["DEFAULT_SHARD_BYTES", "environment", "write_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHARD_BYTES = 512 * 1024 * 1024
+_MAX_WRITERS = 4
+_FILE_PATTERN = "tensors-{:05d}.safetensors"
+
+
+def environment() -> dict[str, Any]:
+    """Facts about the saving process that a resume may want to compare against."""
+    dist = torch.distributed
+    initialized = dist.is_available() and dist.is_initialized()
+    return {
+        "world_size": dist.get_world_size() if initialized else 1,
+        "rank": dist.get_rank() if initialized else 0,
+        "cuda_device_count": torch.cuda.device_count(),
+        "hostname": platform.node(),
+        "python": platform.python_version(),
+    }
+
+
+class _ShardPlanner:
+    """Tensor sink: assigns each distinct tensor a unique key and a shard; aliases are stored once."""
+
+    def __init__(self, shard_bytes: int) -> None:
+        self.shards: list[list[tuple[str, torch.Tensor]]] = []
+        self._shard_bytes = shard_bytes
+        self._fill = shard_bytes  # forces a new shard on the first tensor
+        self._keys: set[str] = set()
+        self._aliases: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+    def add(self, path: Path, tensor: torch.Tensor) -> dict[str, Any]:
+        alias = None
+        if tensor.numel() > 0:
+            alias = (tensor.untyped_storage().data_ptr(), tensor.device, tensor.storage_offset(),
+                     tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+            if alias in self._aliases:
+                return self._aliases[alias]
+        key = format_path(path)
+        if key in self._keys:
+            key = next(f"{key}#{i}" for i in range(1, len(self._keys) + 2) if f"{key}#{i}" not in self._keys)
+        self._keys.add(key)
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._fill + nbytes > self._shard_bytes and self._fill > 0:
+            self.shards.append([])
+            self._fill = 0
+        self.shards[-1].append((key, tensor))
+        self._fill += nbytes
+        ref = {TAG: "tensor", "file": _FILE_PATTERN.format(len(self.shards) - 1), "key": key,
+               "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "device": str(tensor.device)}
+        if alias is not None:
+            self._aliases[alias] = ref
+        return ref
+
+
+def write_checkpoint(
+    pending: PendingCheckpoint,
+    state: Any,
+    *,
+    metadata: Any = None,
+    environment_extra: dict[str, Any] | None = None,
+    allow_pickle: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    where: str = "",
+    before_commit: Callable[[Manifest], None] | None = None,
+) -> Manifest:
+    """Encode ``state`` and write it through ``pending``, committing only if every file succeeded.
+
+    On any error the pending checkpoint is aborted and the error re-raised; nothing is published.
+    """
+    try:
+        planner = _ShardPlanner(shard_bytes)
+        prefix = f"{where}: " if where else ""
+        tree = Encoder(planner, allow_pickle=allow_pickle, where=prefix).encode(state)
+        meta = Encoder(None, where=f"{prefix}metadata.").encode(metadata)
+        files = _write_shards(pending, planner.shards)
+        manifest = Manifest(
+            tree=tree,
+            files=tuple(files),
+            metadata=meta,
+            environment={**environment(), **(environment_extra or {})},
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
+            trainstate_version=__version__,
+            torch_version=torch.__version__,
+        )
+        if before_commit is not None:
+            before_commit(manifest)
+        pending.write(MANIFEST_NAME, [manifest.to_json()])
+        pending.commit()
+        return manifest
+    except BaseException as exc:
+        pending.abort()
+        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
+            raise CheckpointWriteError(f"{where}: {exc}") from exc
+        raise
+
+
+def _write_shards(pending: PendingCheckpoint, shards: list[list[tuple[str, torch.Tensor]]]) -> list[FileEntry]:
+    def write(index: int) -> FileEntry:
+        hasher = new_hasher()
+        _, chunks = encode_file(shards[index], hasher)
+        name = _FILE_PATTERN.format(index)
+        size = pending.write(name, chunks)
+        return FileEntry(name, size, hasher.hexdigest())
+
+    if len(shards) <= 1:
+        return [write(i) for i in range(len(shards))]
+    # Files are independent; os.write and hashing release the GIL, so threads overlap the I/O.
+    with ThreadPoolExecutor(max_workers=min(_MAX_WRITERS, len(shards), os.cpu_count() or 1)) as pool:
+        futures = [pool.submit(write, i) for i in range(len(shards))]
+        return [f.result() for f in futures]

@@ -1,0 +1,93 @@
+"""The storage protocol: where checkpoint directories live and how one is committed atomically."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import BinaryIO
+
+from trainstate.errors import CorruptCheckpointError
+
+__all__ = ["PendingCheckpoint", "Storage", "check_name"]
+
+# A checkpoint or file name is one plain path component: no separators, no "..", no NUL,
+# nothing hidden. Anything else in a manifest is hostile or corrupt.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=-]{0,254}")
+
+
+def check_name(name: str, *, where: str) -> str:
+    """Return ``name`` if it is a safe single path component, else raise CorruptCheckpointError."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise CorruptCheckpointError(f"{where}: unsafe file name {name!r} (must be one plain path component)")
+    return name
+
+
+class PendingCheckpoint(ABC):
+    """A checkpoint being written: files go in with `write`, then `commit` publishes all or nothing."""
+
+    @abstractmethod
+    def write(self, filename: str, chunks: Iterable[memoryview | bytes]) -> int:
+        """Write one file from ``chunks`` and make it durable; returns its size.
+
+        The file is invisible to readers until `commit`. Different files may be written from
+        different threads at once. Raises CheckpointWriteError on any I/O failure.
+        """
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Publish every written file at once. Before this returns nothing is visible; after it,
+        everything is, durably. Raises CheckpointWriteError (nothing published) on failure."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Discard everything written so far. Never raises; safe to call after a failed commit."""
+
+
+class Storage(ABC):
+    """A directory that holds checkpoints, each a sub-directory of plain files."""
+
+    root: str
+
+    @abstractmethod
+    def begin(self, name: str, *, overwrite: bool = True) -> PendingCheckpoint:
+        """Start writing checkpoint ``name``. With ``overwrite`` an existing one is replaced
+        atomically at commit; without, commit raises CheckpointExistsError."""
+
+    @abstractmethod
+    def open(self, name: str, filename: str) -> BinaryIO:
+        """Open a committed file for reading. Raises CheckpointNotFoundError if it is missing."""
+
+    @abstractmethod
+    def size(self, name: str, filename: str) -> int:
+        """Size in bytes of a file. Raises CheckpointNotFoundError if it is missing."""
+
+    @abstractmethod
+    def exists(self, name: str, filename: str | None = None) -> bool:
+        """Whether checkpoint ``name`` (or one of its files) exists. Never raises for a missing path."""
+
+    @abstractmethod
+    def list(self) -> list[str]:
+        """Names of the entries in the root, excluding in-progress temporaries. Missing root: []."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove checkpoint ``name`` so it is no longer listed as committed, then its files.
+        A missing checkpoint is not an error."""
+
+    @abstractmethod
+    def cleanup(self) -> list[str]:
+        """Remove leftovers of writers that died mid-save; returns what was removed.
+        Only call while holding the writer lock."""
+
+    @abstractmethod
+    def lock(self, *, timeout: float = 0.0) -> None:
+        """Take the single-writer lock on the root, waiting up to ``timeout`` seconds.
+        Raises CheckpointLockedError if another writer holds it."""
+
+    @abstractmethod
+    def unlock(self) -> None:
+        """Release the writer lock if held."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.root!r})"

@@ -1,0 +1,258 @@
+"""Local filesystem storage: temp sibling directory, fsync everything, rename, fsync the parent."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable
+from typing import BinaryIO
+
+from trainstate.errors import (
+    CheckpointExistsError,
+    CheckpointLockedError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+)
+from trainstate.storage.base import PendingCheckpoint, Storage, check_name
+
+__all__ = ["LocalStorage", "TEMP_PREFIX"]
+
+logger = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".trainstate-tmp-"
+"""Entries whose name starts with this are in-progress or abandoned writes, never checkpoints."""
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_LOCK_POLL_S = 0.05
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_error(what: str, path: str, exc: OSError) -> CheckpointWriteError:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    err = CheckpointWriteError(f"{path}: {what} failed: {reason}; nothing was committed")
+    err.errno = exc.errno
+    return err
+
+
+def _exchange(src: str, dst: str) -> None:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). Raises OSError if unsupported."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+class _LocalPending(PendingCheckpoint):
+    def __init__(self, storage: LocalStorage, name: str, overwrite: bool) -> None:
+        self._storage = storage
+        self._final = os.path.join(storage.root, name)
+        self._overwrite = overwrite
+        self._tmp = os.path.join(storage.root, f"{TEMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}")
+        try:
+            os.mkdir(self._tmp)
+        except OSError as exc:
+            raise _write_error("creating the temporary directory", self._tmp, exc) from exc
+
+    def write(self, filename: str, chunks: Iterable[memoryview | bytes]) -> int:
+        path = os.path.join(self._tmp, check_name(filename, where=self._final))
+        step = "opening"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                size = 0
+                step = "writing"
+                for chunk in chunks:
+                    view = memoryview(chunk).cast("B")
+                    while view:
+                        written = os.write(fd, view)
+                        size += written
+                        view = view[written:]
+                step = "fsync"
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _write_error(step, os.path.join(self._final, filename), exc) from exc
+        return size
+
+    def commit(self) -> None:
+        step = "fsync of the temporary directory"
+        try:
+            _fsync_dir(self._tmp)
+            step = "rename into place"
+            if os.path.lexists(self._final):
+                if not self._overwrite:
+                    raise CheckpointExistsError(f"{self._final}: already exists (pass overwrite=True to replace it)")
+                try:
+                    _exchange(self._tmp, self._final)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+                        raise
+                    raise CheckpointExistsError(
+                        f"{self._final}: already exists and this filesystem cannot swap it atomically; "
+                        "delete it first or save under a new name"
+                    ) from exc
+                # The old checkpoint now sits at the temporary name; it is garbage from here on.
+                _remove(self._tmp)
+            else:
+                os.rename(self._tmp, self._final)
+            step = "fsync of the parent directory"
+            _fsync_dir(self._storage.root)
+        except OSError as exc:
+            if isinstance(exc, CheckpointExistsError):
+                raise
+            raise _write_error(step, self._final, exc) from exc
+
+    def abort(self) -> None:
+        _remove(self._tmp)
+
+
+class LocalStorage(Storage):
+    """Checkpoints as directories under ``root`` on a POSIX filesystem.
+
+    Commit: every file is fsynced, then the temporary directory, then it is renamed to its final
+    name (an existing checkpoint is swapped out with ``renameat2(RENAME_EXCHANGE)``), then the
+    parent directory is fsynced. The writer lock is ``flock`` on the root directory itself, so it
+    leaves no lock file behind and dies with its process.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self._lock_fd: int | None = None
+
+    def _ensure_root(self) -> None:
+        if os.path.isdir(self.root):
+            return
+        if os.path.lexists(self.root):
+            raise CheckpointWriteError(f"{self.root}: exists and is not a directory")
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            _fsync_dir(os.path.dirname(self.root))
+        except OSError as exc:
+            raise _write_error("creating the directory", self.root, exc) from exc
+
+    def _path(self, name: str, filename: str | None = None) -> str:
+        check_name(name, where=self.root)
+        if filename is None:
+            return os.path.join(self.root, name)
+        return os.path.join(self.root, name, check_name(filename, where=os.path.join(self.root, name)))
+
+    def begin(self, name: str, *, overwrite: bool = True) -> PendingCheckpoint:
+        check_name(name, where=self.root)
+        self._ensure_root()
+        return _LocalPending(self, name, overwrite)
+
+    def open(self, name: str, filename: str) -> BinaryIO:
+        path = self._path(name, filename)
+        try:
+            # O_NOFOLLOW: a symlink planted in a checkpoint must not make us read outside it.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise CheckpointNotFoundError(f"{path}: no such file") from exc
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CorruptCheckpointError(f"{path}: is a symlink; checkpoint files must be regular files") from exc
+            raise CheckpointNotFoundError(f"{path}: cannot open: {os.strerror(exc.errno or 0)}") from exc
+        return os.fdopen(fd, "rb", buffering=0)
+
+    def size(self, name: str, filename: str) -> int:
+        path = self._path(name, filename)
+        try:
+            return os.lstat(path).st_size
+        except OSError as exc:
+            raise CheckpointNotFoundError(f"{path}: no such file") from exc
+
+    def exists(self, name: str, filename: str | None = None) -> bool:
+        try:
+            return os.path.lexists(self._path(name, filename))
+        except Exception:
+            return False
+
+    def list(self) -> list[str]:
+        try:
+            entries = os.listdir(self.root)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(e for e in entries if not e.startswith(TEMP_PREFIX))
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        if not os.path.lexists(path):
+            return
+        # Rename first: readers listing the directory never see a half-deleted checkpoint.
+        trash = os.path.join(self.root, f"{TEMP_PREFIX}deleted-{name}-{uuid.uuid4().hex[:12]}")
+        try:
+            os.rename(path, trash)
+            _fsync_dir(self.root)
+        except OSError as exc:
+            raise _write_error("deleting", path, exc) from exc
+        _remove(trash)
+
+    def cleanup(self) -> list[str]:
+        try:
+            entries = os.listdir(self.root)
+        except OSError:
+            return []
+        removed = []
+        for entry in entries:
+            if entry.startswith(TEMP_PREFIX):
+                _remove(os.path.join(self.root, entry))
+                removed.append(entry)
+        if removed:
+            logger.info("removed %d leftover temporary entr%s in %s: %s", len(removed),
+                        "y" if len(removed) == 1 else "ies", self.root, ", ".join(sorted(removed)))
+        return removed
+
+    def lock(self, *, timeout: float = 0.0) -> None:
+        if self._lock_fd is not None:
+            return
+        self._ensure_root()
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock_fd = fd
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise CheckpointLockedError(
+                        f"{self.root}: another writer holds the lock (a second process or CheckpointManager "
+                        "saving into the same directory); stop it or use a different directory"
+                    ) from None
+                time.sleep(_LOCK_POLL_S)
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
