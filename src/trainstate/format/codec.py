@@ -201,22 +201,28 @@ def _encode_tensor(value: torch.Tensor, path: Path, enc: Encoder) -> dict[str, A
 def _encode_ndarray(value: np.ndarray, path: Path, enc: Encoder) -> dict[str, Any]:
     if value.dtype.hasobject or value.dtype.fields is not None or value.dtype.kind not in "biufc":
         raise UnsupportedValueError(f"{enc.where}{format_path(path)}: numpy arrays of dtype {value.dtype} are not supported")
-    native = np.ascontiguousarray(value).astype(value.dtype.newbyteorder("="), copy=False)
+    array = np.ascontiguousarray(value)
+    node: dict[str, Any] = {"np_dtype": value.dtype.str}
+    if not value.dtype.isnative:
+        # Stored as raw bytes so that decoding is a zero-copy view (tensors are filled after decoding).
+        array, node["np_shape"] = array.reshape(-1).view(np.uint8), list(value.shape)
     try:
-        tensor = torch.from_numpy(native)
+        tensor = torch.from_numpy(array)
     except TypeError:
         raise UnsupportedValueError(f"{enc.where}{format_path(path)}: numpy dtype {value.dtype} has no torch equivalent") from None
-    return {**enc.tensor(tensor, path), TAG: "ndarray", "np_dtype": value.dtype.str}
+    return {**enc.tensor(tensor, path), TAG: "ndarray", **node}
 
 
 def _decode_ndarray(node: dict[str, Any], path: Path, dec: Decoder) -> np.ndarray:
     dtype = np.dtype(node["np_dtype"])
     if dtype.hasobject or dtype.kind not in "biufc":
         raise ValueError(f"numpy dtype {dtype} is not allowed")
-    array = dec.tensor(node, path).cpu().numpy()
-    if array.dtype != dtype.newbyteorder("="):
+    array = dec.tensor(node, path).cpu().numpy()  # not filled yet: only zero-copy views from here
+    if "np_shape" in node:
+        return array.view(dtype).reshape([int(d) for d in node["np_shape"]])
+    if array.dtype != dtype:
         raise ValueError(f"stored dtype {array.dtype} does not match {dtype}")
-    return array.astype(dtype, copy=False)
+    return array
 
 
 def _encode_npscalar(value: np.generic, path: Path, enc: Encoder) -> dict[str, Any]:

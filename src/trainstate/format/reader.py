@@ -80,6 +80,14 @@ class CheckpointReader:
         return self.decode(self.manifest.metadata, None)
 
 
+def _available(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    return device.type == "cpu"
+
+
 def _hash_stream(f: BinaryIO, entry: FileEntry, where: str) -> None:
     hasher = new_hasher()
     buffer = bytearray(min(_CHUNK, max(entry.size, 1)))
@@ -176,14 +184,14 @@ class TensorLoader:
         if isinstance(loc, dict):
             loc = loc.get(saved)
         if loc is not None:
-            return torch.device(loc)
+            device = torch.device(loc)
+            if not _available(device):
+                raise ValueError(f"map_location {loc!r}: device {device} is not available in this process")
+            return None if device.type == "cpu" else device
         device = torch.device(saved)
-        if device.type == "cpu" or device.type == "meta":
+        if device.type in ("cpu", "meta"):
             return None
-        available = device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
-        if device.type == "mps":
-            available = torch.backends.mps.is_available()
-        if available:
+        if _available(device):
             return device
         if saved not in self._warned_devices:
             self._warned_devices.add(saved)

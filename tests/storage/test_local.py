@@ -1,0 +1,130 @@
+"""LocalStorage: the commit protocol's syscall order, atomic replace, locking, leftovers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+
+import trainstate
+from trainstate.storage import TEMP_PREFIX, LocalStorage
+from trainstate.storage import local as local_module
+
+
+def _recorder(monkeypatch):
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename, real_exchange = os.fsync, os.rename, local_module._exchange
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", str(dst)))
+        return real_rename(src, dst)
+
+    def exchange(src, dst):
+        events.append(("exchange", str(dst)))
+        return real_exchange(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(local_module, "_exchange", exchange)
+    return events
+
+
+@pytest.mark.parametrize("replace", [False, True], ids=["new", "replace"])
+def test_every_file_and_directory_is_fsynced_in_commit_order(tmp_path, monkeypatch, replace):
+    storage = LocalStorage(tmp_path)
+    if replace:
+        pending = storage.begin("ckpt")
+        pending.write("old.bin", [b"old"])
+        pending.commit()
+    events = _recorder(monkeypatch)
+    pending = storage.begin("ckpt")
+    pending.write("a.bin", [b"a" * 10])
+    pending.write("manifest.json", [b"{}"])
+    pending.commit()
+
+    publish = next(i for i, (kind, _) in enumerate(events) if kind in ("rename", "exchange"))
+    synced_before = {os.path.basename(p) for kind, p in events[:publish] if kind == "fsync"}
+    tmp_name = next(os.path.basename(p) for kind, p in events[:publish]
+                    if kind == "fsync" and os.path.basename(p).startswith(TEMP_PREFIX))
+    assert {"a.bin", "manifest.json", tmp_name} <= synced_before  # files, then their directory
+    assert events[publish] == ("exchange" if replace else "rename", str(tmp_path / "ckpt"))
+    assert ("fsync", str(tmp_path)) in events[publish + 1:]  # the parent, after the rename
+    manifest_sync = events.index(("fsync", str(tmp_path / tmp_name / "manifest.json")))
+    data_sync = next(i for i, (k, p) in enumerate(events) if k == "fsync" and p.endswith("a.bin"))
+    assert data_sync < manifest_sync
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["a.bin", "manifest.json"]
+    assert not [e for e in os.listdir(tmp_path) if e.startswith(TEMP_PREFIX)]
+
+
+def test_fsync_failure_is_fatal_and_publishes_nothing(tmp_path, monkeypatch):
+    trainstate.save(tmp_path / "ckpt", {"v": 1})
+
+    def failing_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(trainstate.CheckpointWriteError, match="fsync failed: Input/output error"):
+        trainstate.save(tmp_path / "ckpt", {"v": 2})
+    monkeypatch.undo()
+    assert trainstate.load(tmp_path / "ckpt") == {"v": 1}
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def _hold_lock(root, ready, release):
+    storage = LocalStorage(root)
+    storage.lock()
+    ready.set()
+    release.wait(30)
+    storage.unlock()
+
+
+def test_second_writer_gets_a_clear_error_then_succeeds_after_release(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(tmp_path), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(trainstate.CheckpointLockedError, match="another writer holds the lock"):
+            LocalStorage(tmp_path).lock(timeout=0.2)
+    finally:
+        release.set()
+        holder.join(30)
+    storage = LocalStorage(tmp_path)
+    storage.lock()
+    storage.unlock()
+
+
+def test_cleanup_removes_leftovers_of_a_dead_writer(tmp_path):
+    storage = LocalStorage(tmp_path)
+    pending = storage.begin("ckpt")
+    pending.write("a.bin", [b"partial"])  # the writer "dies" here: never commits, never aborts
+    assert storage.list() == []
+    trainstate.save(tmp_path / "other", {"v": 1})  # the next writer cleans up under the lock
+    assert sorted(os.listdir(tmp_path)) == ["other"]
+
+
+def test_delete_hides_the_checkpoint_before_removing_files(tmp_path):
+    trainstate.save(tmp_path / "ckpt", {"v": 1})
+    storage = LocalStorage(tmp_path)
+    storage.delete("ckpt")
+    storage.delete("ckpt")  # missing: not an error
+    assert storage.list() == [] and os.listdir(tmp_path) == []
+
+
+def test_root_that_is_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(trainstate.CheckpointWriteError, match="not a directory"):
+        trainstate.save(tmp_path / "f" / "ckpt", {"v": 1})
+
+
+def test_unsafe_names_are_refused(tmp_path):
+    storage = LocalStorage(tmp_path)
+    for bad in ["..", "../x", "a/b", "/abs", "", ".hidden", "a\x00b"]:
+        with pytest.raises(trainstate.CorruptCheckpointError, match="unsafe file name"):
+            storage.open("ckpt", bad)

@@ -1,0 +1,24 @@
+"""The public surface is exactly trainstate.__all__; this pins it so it only changes on purpose."""
+
+from __future__ import annotations
+
+import trainstate
+
+EXPECTED = {
+    "CheckpointError", "CheckpointExistsError", "CheckpointLockedError", "CheckpointNotFoundError",
+    "CheckpointWriteError", "CorruptCheckpointError", "RNGState", "StateMismatchError", "UnsafeCheckpointError",
+    "UnsupportedFormatError", "UnsupportedValueError", "__version__", "load", "save",
+}
+
+
+def test_all_is_pinned():
+    assert set(trainstate.__all__) == EXPECTED
+    for name in trainstate.__all__:
+        assert hasattr(trainstate, name)
+
+
+def test_every_error_is_a_checkpoint_error_and_documented():
+    errors = [getattr(trainstate, n) for n in trainstate.__all__ if n.endswith("Error")]
+    for error in errors:
+        assert issubclass(error, trainstate.CheckpointError)
+        assert error.__doc__ and "\n" not in error.__doc__.strip()
