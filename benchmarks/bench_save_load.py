@@ -82,7 +82,7 @@ def fingerprint(model: Model, opt: Optimizer) -> str:
     """Content hash of the whole state, to check that a load really restored it."""
     hasher = xxhash.xxh3_128()
     for t in tensors_of(model, opt):
-        hasher.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        hasher.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return hasher.hexdigest()
 
 
@@ -212,7 +212,7 @@ def child_measure(spec: dict[str, Any]) -> dict[str, Any]:
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter, then flush dirty pages so runs do not overlap."""
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+                          check=False, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     os.sync()
     if proc.returncode != 0:
         raise RuntimeError(f"child {spec['op']} failed (rc={proc.returncode}):\n{proc.stderr}")
@@ -319,11 +319,11 @@ def render(args: argparse.Namespace, info: dict[str, Any], results: list[Result]
     reads = ("cold in the guest page cache (evicted with posix_fadvise DONTNEED before each load; "
              "the host may still cache)" if args.cold else "warm (files were just written and sit in the page cache)")
     lines = [
-        f"State: {info['num_params'] / 1e6:.1f}M params ({layers} x Linear({width}, {width}), float32) + AdamW "
-        f"= {gb:.3f} GB in {info['num_tensors']} tensors; on disk: trainstate "
-        f"{info['disk_bytes']['trainstate'] / 1e9:.3f} GB, torch {info['disk_bytes']['torch'] / 1e9:.3f} GB",
-        f"Directory: {root} ({fs_type(root)}); {os.cpu_count()} CPUs; torch {torch.__version__}, "
-        f"trainstate {trainstate.__version__}; median of {args.repeat}, each in a fresh process",
+        (f"State: {info['num_params'] / 1e6:.1f}M params ({layers} x Linear({width}, {width}), float32) + AdamW "
+         f"= {gb:.3f} GB in {info['num_tensors']} tensors; on disk: trainstate "
+         f"{info['disk_bytes']['trainstate'] / 1e9:.3f} GB, torch {info['disk_bytes']['torch'] / 1e9:.3f} GB"),
+        (f"Directory: {root} ({fs_type(root)}); {os.cpu_count()} CPUs; torch {torch.__version__}, "
+         f"trainstate {trainstate.__version__}; median of {args.repeat}, each in a fresh process"),
         f"Reads: {reads}. Peak extra RSS: {info['rss_method']}, above the RSS once the live state is built.",
         "",
         "| operation | median s | min-max s | GB/s | time vs torch | peak extra RSS MB |",

@@ -99,7 +99,8 @@ def load(
         map_location: As for ``torch.load``: a device, a string, a ``{saved: target}`` dict, or a
             callable ``(storage, location) -> storage``. By default tensors return to the device
             they were saved from, or to the CPU when that device does not exist here.
-        strict: Raise StateMismatchError on missing/unexpected keys and shape mismatches.
+        strict: Raise StateMismatchError on missing/unexpected keys and shape or dtype mismatches of
+            module tensors; with False, load what fits and log a warning for the rest.
         verify: Check content hashes (on by default; disable only for trusted hot paths).
         allow_pickle: Permit values that were saved with ``allow_pickle=True``.
 
@@ -209,9 +210,11 @@ class _Restorer:
             self._mismatch(f"key {format_path(path)!r}: missing keys {missing}, unexpected keys {unexpected}")
         for key, saved in list(decoded.items()):
             live = expected.get(key)
-            if isinstance(saved, torch.Tensor) and isinstance(live, torch.Tensor) and saved.shape != live.shape:
-                self._mismatch(f"key {format_path((*path, key))!r}: shape {list(saved.shape)} in the checkpoint, "
-                               f"{list(live.shape)} in the live object")
+            if not (isinstance(saved, torch.Tensor) and isinstance(live, torch.Tensor)):
+                continue
+            if saved.shape != live.shape or saved.dtype != live.dtype:
+                self._mismatch(f"key {format_path((*path, key))!r}: {saved.dtype}{list(saved.shape)} in the checkpoint, "
+                               f"{live.dtype}{list(live.shape)} in the live object")
                 del decoded[key]
         return decoded
 

@@ -22,7 +22,16 @@ import torch
 from trainstate.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, UnsupportedValueError
 from trainstate.format.tensorfile import dtype_from_name, dtype_name
 
-__all__ = ["Codec", "Decoder", "Encoder", "TensorSink", "TensorSource", "format_path", "is_stateful"]
+__all__ = [
+    "Codec",
+    "Decoder",
+    "Encoder",
+    "TensorSink",
+    "TensorSource",
+    "format_path",
+    "is_stateful",
+    "qualified_type",
+]
 
 TAG = "@"
 MAX_DEPTH = 200
@@ -246,9 +255,17 @@ def _decode_pickle(node: dict[str, Any], path: Path, dec: Decoder) -> Any:
     return pickle.loads(_b64(node))  # noqa: S301 - explicit opt-in above
 
 
-def _encode_stateful(value: Any, path: Path, enc: Encoder) -> dict[str, Any]:
+def qualified_type(value: Any) -> str:
+    """The recorded type name of a live object (a snapshot may carry its original's)."""
+    name = getattr(value, "stateful_type", None)
+    if isinstance(name, str):
+        return name
     kind = type(value)
-    return {TAG: "stateful", "type": f"{kind.__module__}.{kind.__qualname__}", "v": enc.encode(value.state_dict(), path)}
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _encode_stateful(value: Any, path: Path, enc: Encoder) -> dict[str, Any]:
+    return {TAG: "stateful", "type": qualified_type(value), "v": enc.encode(value.state_dict(), path)}
 
 
 def _decode_device(node: dict[str, Any], path: Path, dec: Decoder) -> torch.device:

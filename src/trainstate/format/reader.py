@@ -156,14 +156,17 @@ class TensorLoader:
         job = jobs.get(key)
         if job is None:
             job = jobs[key] = self._new_job(stored, dtype, shape, path)
-        device = self._device_for(str(ref.get("device", "cpu")))
+        device = self._device_for(ref.get("device", "cpu"), where=where)
         tensor = job.target
         if device is not None and device != tensor.device:
             tensor = next((t for t in job.finals if t.device == device), None) or torch.empty(shape, dtype=dtype, device=device)
             if all(t is not tensor for t in job.finals):
                 job.finals.append(tensor)
         if ref.get("param"):
-            tensor = torch.nn.Parameter(tensor, requires_grad=bool(ref.get("requires_grad", True)))
+            requires_grad = bool(ref.get("requires_grad", True))
+            if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
+                raise CorruptCheckpointError(f"{self._reader.where}: {where}: a {dtype} parameter cannot require grad")
+            tensor = torch.nn.Parameter(tensor, requires_grad=requires_grad)
         return tensor
 
     def _new_job(self, stored: HeaderEntry, dtype: torch.dtype, shape: tuple[int, ...], path: Path) -> _Job:
@@ -175,8 +178,14 @@ class TensorLoader:
             return _Job(stored, dest.detach(), in_place=True)
         return _Job(stored, torch.empty(shape, dtype=dtype), in_place=False)
 
-    def _device_for(self, saved: str) -> torch.device | None:
+    def _device_for(self, saved: object, *, where: str) -> torch.device | None:
         """Where a tensor saved on ``saved`` goes; None keeps the CPU copy."""
+        try:
+            if not isinstance(saved, str) or len(saved) > 64:
+                raise ValueError(saved)
+            device = torch.device(saved)
+        except (RuntimeError, ValueError):
+            raise CorruptCheckpointError(f"{self._reader.where}: {where}: invalid device {saved!r}") from None
         loc = self._map_location
         if callable(loc):
             probe = loc(torch.UntypedStorage(0), saved)
@@ -188,7 +197,6 @@ class TensorLoader:
             if not _available(device):
                 raise ValueError(f"map_location {loc!r}: device {device} is not available in this process")
             return None if device.type == "cpu" else device
-        device = torch.device(saved)
         if device.type in ("cpu", "meta"):
             return None
         if _available(device):
@@ -199,25 +207,38 @@ class TensorLoader:
         return None
 
     def fill(self) -> None:
-        """Read (and verify) every allocated tensor. Raises CorruptCheckpointError on any mismatch."""
+        """Read (and verify) every allocated tensor. Raises CorruptCheckpointError on any mismatch.
+
+        When bytes go straight into live tensors, every file is verified before the first byte lands,
+        so a damaged checkpoint never leaves a live object half-restored.
+        """
         names = [e.name for e in self._reader.manifest.files if e.name in self._jobs or self._verify]
+        in_place = any(job.in_place for jobs in self._jobs.values() for job in jobs.values())
+        if self._verify and in_place:
+            self._each(names, lambda name: self._reader.verify_file(self._reader.file(name, where="file list")))
+            self._each(names, lambda name: self._fill_file(name, verify=False))
+        else:
+            self._each(names, lambda name: self._fill_file(name, verify=self._verify))
+
+    @staticmethod
+    def _each(names: list[str], work: Callable[[str], None]) -> None:
         if len(names) <= 1:
             for name in names:
-                self._fill_file(name)
+                work(name)
             return
         with ThreadPoolExecutor(max_workers=min(_MAX_READERS, len(names))) as pool:
-            for future in [pool.submit(self._fill_file, n) for n in names]:
+            for future in [pool.submit(work, n) for n in names]:
                 future.result()
 
-    def _fill_file(self, name: str) -> None:
+    def _fill_file(self, name: str, *, verify: bool) -> None:
         entry = self._reader.file(name, where="file list")
         jobs = sorted(self._jobs.get(name, {}).values(), key=lambda j: j.entry.start)
         where = os.path.join(self._reader.where, name)
         covered = sum(j.entry.end - j.entry.start for j in jobs)
         header_len = jobs[0].entry.start if jobs else 0
-        stream_hash = self._verify and jobs and not any(j.in_place for j in jobs) and header_len + covered == entry.size
+        stream_hash = verify and jobs and header_len + covered == entry.size
         with self._reader.open_checked(entry) as f:
-            if self._verify and not stream_hash:
+            if verify and not stream_hash:
                 _hash_stream(f, entry, where)
             f.seek(0)
             hasher = new_hasher() if stream_hash else None

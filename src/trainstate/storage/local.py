@@ -8,6 +8,7 @@ import fcntl
 import logging
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Iterable
@@ -181,6 +182,9 @@ class LocalStorage(Storage):
             if exc.errno == errno.ELOOP:
                 raise CorruptCheckpointError(f"{path}: is a symlink; checkpoint files must be regular files") from exc
             raise CheckpointNotFoundError(f"{path}: cannot open: {os.strerror(exc.errno or 0)}") from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CorruptCheckpointError(f"{path}: is not a regular file")
         return os.fdopen(fd, "rb", buffering=0)
 
     def size(self, name: str, filename: str) -> int:

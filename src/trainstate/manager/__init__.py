@@ -1,0 +1,21 @@
+"""Managed checkpointing: retention policies, triggers, preemption, early stopping, auto-resume."""
+
+from __future__ import annotations
+
+from trainstate.manager.checkpoint_manager import CheckpointManager, SaveHandle
+from trainstate.manager.early_stopping import EarlyStopping
+from trainstate.manager.policies import CheckpointInfo, KeepBest, KeepEvery, KeepLast, Retention, SaveTrigger
+from trainstate.manager.preemption import PreemptionHandler
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointManager",
+    "EarlyStopping",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
+    "PreemptionHandler",
+    "Retention",
+    "SaveHandle",
+    "SaveTrigger",
+]

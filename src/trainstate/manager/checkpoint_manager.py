@@ -1,0 +1,398 @@
+"""CheckpointManager: a self-managing directory of step checkpoints with retention and auto-resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from trainstate.api import restore as restore_checkpoint
+from trainstate.api import save_to
+from trainstate.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    UnsupportedFormatError,
+)
+from trainstate.format.reader import CheckpointReader, MapLocation
+from trainstate.format.writer import environment
+from trainstate.manager.early_stopping import EarlyStopping
+from trainstate.manager.policies import (
+    CheckpointInfo,
+    KeepBest,
+    KeepEvery,
+    KeepLast,
+    Mode,
+    Retention,
+    SaveTrigger,
+    metric_value,
+)
+from trainstate.manager.preemption import PreemptionHandler
+from trainstate.manager.snapshot import capture
+from trainstate.storage import LocalStorage
+
+__all__ = ["CheckpointManager", "SaveHandle"]
+
+logger = logging.getLogger(__name__)
+
+_NAME = "step_{:08d}"
+_NAME_RE = re.compile(r"step_(\d{8,})")
+_SKIPPABLE = (CorruptCheckpointError, CheckpointNotFoundError, UnsupportedFormatError)
+
+
+@dataclass(frozen=True)
+class SaveHandle:
+    """A save in progress; `wait` blocks until it is committed and re-raises the writer's error."""
+
+    step: int
+    _future: Future[None]
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> None:
+        self._future.result()
+
+
+class CheckpointManager:
+    """Periodic, retained, resumable checkpoints of a training run in one directory.
+
+    Each checkpoint is a normal trainstate checkpoint named ``step_XXXXXXXX`` (load it with
+    `trainstate.load`). Everything the manager knows — steps, metrics, best — is read back from the
+    committed manifests; there is no side file that could disagree with them.
+
+    Args:
+        directory: Where the checkpoints live (created on first save).
+        keep_last: Keep this many newest checkpoints; None keeps all.
+        keep_best: Keep this many best checkpoints by ``monitor``.
+        monitor: Metric name that defines "best" (and drives ``early_stopping``).
+        mode: ``"min"`` or ``"max"``: whether a smaller or larger ``monitor`` is better.
+        keep_every: Also keep every checkpoint whose step is a multiple of this.
+        every_n_steps: ``save(..., force=False)`` saves when ``step % every_n_steps == 0``.
+        every_n_seconds: ``save(..., force=False)`` saves when this long has passed since the last save.
+        async_save: Return from `save` after copying the state to host memory; write in the background.
+        early_stopping: Stop (``should_stop``) when ``monitor`` stops improving; its state is checkpointed.
+        preemption_signals: Signals (e.g. ``[signal.SIGTERM]``) after which the next
+            ``save(..., force=False)`` saves unconditionally and ``should_stop`` becomes True.
+        lock_timeout: Seconds to wait for another writer of the directory before raising.
+
+    Example:
+        >>> import torch, trainstate
+        >>> model = torch.nn.Linear(2, 1)
+        >>> with trainstate.CheckpointManager("/tmp/ts-doc/run", keep_last=2) as mgr:
+        ...     start = mgr.restore({"model": model}) or 0
+        ...     for step in range(start + 1, start + 4):
+        ...         _ = mgr.save(step, {"model": model})
+        ...     len(mgr.steps())
+        2
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep_last: int | None = 5,
+        keep_best: int | None = None,
+        monitor: str | None = None,
+        mode: Mode = "min",
+        keep_every: int | None = None,
+        every_n_steps: int | None = None,
+        every_n_seconds: float | None = None,
+        async_save: bool = False,
+        early_stopping: EarlyStopping | None = None,
+        preemption_signals: Iterable[signal.Signals | int] | None = None,
+        lock_timeout: float = 0.0,
+    ) -> None:
+        _check_options(keep_last, keep_best, monitor, mode, keep_every, every_n_steps, every_n_seconds, early_stopping)
+        self.directory = os.path.abspath(os.fspath(directory))
+        if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
+            raise CheckpointWriteError(f"{self.directory}: exists and is not a directory")
+        self.monitor, self.mode = monitor, mode
+        self.async_save = async_save
+        self.early_stopping = early_stopping
+        policies: list[KeepLast | KeepBest | KeepEvery] = []
+        if keep_last is not None:
+            policies += [KeepLast(keep_last)]
+            policies += [KeepBest(keep_best, monitor, mode)] if keep_best and monitor else []
+            policies += [KeepEvery(keep_every)] if keep_every else []
+        self._retention = Retention(tuple(policies))
+        self._trigger = SaveTrigger(every_n_steps, every_n_seconds)
+        self._storage = LocalStorage(self.directory)
+        self._lock_timeout = lock_timeout
+        self._locked = False
+        self._index_lock = threading.Lock()
+        self._index: dict[int, CheckpointInfo] = {}
+        self._broken: list[str] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: SaveHandle | None = None
+        self._requested_step: int | None = None
+        self._last_save_time = time.monotonic()
+        self._preemption = PreemptionHandler(preemption_signals) if preemption_signals else None
+        self._preempted_save_done = False
+        self._closed = False
+        self._scan()
+        if self._preemption is not None:
+            self._preemption.install()
+
+    # ----------------------------------------------------------------- queries
+    def steps(self) -> list[int]:
+        """Steps of all committed checkpoints, ascending."""
+        with self._index_lock:
+            return sorted(self._index)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The committed step with the best ``monitor`` value (older wins ties), or None."""
+        if self.monitor is None:
+            return None
+        with self._index_lock:
+            best = KeepBest(1, self.monitor, self.mode).keep(list(self._index.values()))
+        return next(iter(best), None)
+
+    def path(self, step: int) -> str:
+        """Directory of the checkpoint for ``step`` (whether or not it exists)."""
+        return os.path.join(self.directory, _NAME.format(step))
+
+    def metrics(self, step: int) -> dict[str, float]:
+        """The metrics saved with ``step``; raises CheckpointNotFoundError if it is not committed."""
+        with self._index_lock:
+            info = self._index.get(step)
+        if info is None:
+            raise CheckpointNotFoundError(f"{self.path(step)}: no committed checkpoint for step {step}")
+        return dict(info.metrics)
+
+    @property
+    def should_stop(self) -> bool:
+        """True after a preemption checkpoint was saved, or when early stopping ran out of patience."""
+        return self._preempted_save_done or bool(self.early_stopping and self.early_stopping.should_stop)
+
+    @property
+    def stop_reason(self) -> str | None:
+        if self._preempted_save_done and self._preemption is not None and self._preemption.received is not None:
+            return f"preempted by {self._preemption.received.name}"
+        if self.early_stopping is not None and self.early_stopping.should_stop:
+            return f"early stopping: {self.monitor} did not improve for {self.early_stopping.patience} evaluations"
+        return None
+
+    # ------------------------------------------------------------------- save
+    def save(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None = None, *,
+             force: bool = True) -> bool:
+        """Checkpoint ``state`` as ``step``; returns whether a checkpoint was taken.
+
+        With ``force=False`` it saves only when a trigger fires (``every_n_steps``,
+        ``every_n_seconds``) or a preemption signal arrived. Retention runs after the commit.
+        An error from an earlier background save is raised here.
+        """
+        self._check_open()
+        if type(step) is not int or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        preempted = self._preemption is not None and self._preemption.requested and not self._preempted_save_done
+        if not (force or preempted or self._trigger.should_save(step, time.monotonic(), self._last_save_time)):
+            return False
+        self.wait()
+        newest = max(s for s in (self.latest_step(), self._requested_step, -1) if s is not None)
+        if step < newest:
+            raise ValueError(f"{self.directory}: step {step} is older than the latest checkpoint (step {newest}); "
+                             "steps must increase (restore() first, or use a new directory)")
+        if step == newest:
+            logger.warning("%s: step %d is already checkpointed; not saving it again", self.directory, step)
+            return False
+        clean_metrics = self._check_metrics(metrics)
+        metadata: dict[str, Any] = {"step": step, "metrics": clean_metrics}
+        if self.early_stopping is not None and self.monitor is not None:
+            value = metric_value(CheckpointInfo(step, clean_metrics), self.monitor)
+            if value is not None:
+                self.early_stopping.update(value, self.mode)
+            metadata["early_stopping"] = self.early_stopping.state_dict()
+        self._acquire()
+        snapshot = capture(state) if self.async_save and not preempted else dict(state)
+        env = {"dataloader_workers": _loader_workers(state)}
+        self._requested_step = step
+        self._last_save_time = time.monotonic()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainstate-save")
+        future = self._executor.submit(self._write, step, snapshot, metadata, env)
+        self._inflight = SaveHandle(step, future)
+        if not self.async_save or preempted:
+            self.wait()
+        if preempted:
+            self._preempted_save_done = True
+            logger.warning("%s: saved step %d after %s; should_stop is now True", self.directory, step,
+                           self._preemption.received.name if self._preemption and self._preemption.received else "signal")
+        return True
+
+    def _write(self, step: int, state: Mapping[str, Any], metadata: dict[str, Any], env: dict[str, Any]) -> None:
+        save_to(self._storage, _NAME.format(step), state, metadata=metadata, environment=env)
+        with self._index_lock:
+            self._index[step] = CheckpointInfo(step, metadata["metrics"])
+            doomed = self._retention.to_delete(list(self._index.values()))
+        for old in doomed:
+            self._storage.delete(_NAME.format(old))
+            with self._index_lock:
+                self._index.pop(old, None)
+            logger.info("%s: removed step %d (retention)", self.directory, old)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed; re-raises its error."""
+        handle, self._inflight = self._inflight, None
+        if handle is not None:
+            try:
+                handle.wait()
+            except BaseException:
+                self._requested_step = None
+                raise
+
+    # ---------------------------------------------------------------- restore
+    def restore(self, state: Mapping[str, Any], step: int | None = None, *, map_location: MapLocation = None,
+                strict: bool = True) -> int | None:
+        """Restore ``state`` in place from the newest checkpoint that verifies (or from ``step``).
+
+        Checkpoints that fail verification are skipped with a warning naming each; an error about
+        the state itself (a key, shape or device that does not fit) is raised, never skipped.
+        Returns the restored step, or None when there is nothing to restore.
+        """
+        self._check_open()
+        self.wait()
+        self._scan()
+        for name in self._broken:
+            logger.warning("%s: skipping %s: %s", self.directory, name, "no valid committed manifest")
+        candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
+        for candidate in candidates:
+            try:
+                reader = CheckpointReader(self._storage, _NAME.format(candidate))
+                reader.verify()
+                self._compare_environment(reader, state)
+                restore_checkpoint(reader, state, map_location=map_location, strict=strict, verify=False)
+            except _SKIPPABLE as exc:
+                if step is not None:
+                    raise
+                logger.warning("%s: skipping step %d: %s", self.directory, candidate, exc)
+                continue
+            metadata = reader.metadata() or {}
+            if self.early_stopping is not None and isinstance(metadata.get("early_stopping"), dict):
+                self.early_stopping.load_state_dict(metadata["early_stopping"])
+            self._last_save_time = time.monotonic()
+            return candidate
+        return None
+
+    # -------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Finish the save in flight, release the directory lock and signal handlers. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+            if self._preemption is not None:
+                self._preemption.uninstall()
+            self._storage.unlock()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.directory!r}, steps={self.steps()})"
+
+    # ---------------------------------------------------------------- helpers
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self.directory}: this CheckpointManager is closed")
+
+    def _acquire(self) -> None:
+        if not self._locked:
+            self._storage.lock(timeout=self._lock_timeout)
+            self._locked = True
+            self._storage.cleanup()
+
+    def _scan(self) -> None:
+        """Rebuild the index from the committed manifests on disk."""
+        index: dict[int, CheckpointInfo] = {}
+        broken = []
+        for name in self._storage.list():
+            match = _NAME_RE.fullmatch(name)
+            if match is None:
+                continue
+            try:
+                metadata = CheckpointReader(self._storage, name).metadata()
+                step = metadata["step"]
+                if step != int(match.group(1)):
+                    raise CorruptCheckpointError(f"{name}: manifest says step {step}")
+                index[step] = CheckpointInfo(step, dict(metadata.get("metrics") or {}))
+            except (CheckpointError, KeyError, TypeError) as exc:
+                broken.append(name)
+                logger.debug("%s: %s is not a valid checkpoint: %s", self.directory, name, exc)
+        with self._index_lock:
+            self._index = index
+        self._broken = broken
+
+    def _check_metrics(self, metrics: Mapping[str, Any] | None) -> dict[str, float]:
+        if metrics is None:
+            return {}
+        clean: dict[str, float] = {}
+        for key, value in metrics.items():
+            try:
+                clean[str(key)] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"metric {key!r}: {value!r} is not a number") from None
+        if self.monitor is not None and self.monitor not in clean:
+            raise ValueError(f"metrics {sorted(clean)} do not include the monitored metric {self.monitor!r}; "
+                             "pass it, or save with metrics=None for a checkpoint that is never 'best'")
+        if self.monitor is not None and not math.isfinite(clean[self.monitor]):
+            logger.warning("%s: %s=%s is not finite; this checkpoint can never be best", self.directory, self.monitor,
+                           clean[self.monitor])
+        return clean
+
+    def _compare_environment(self, reader: CheckpointReader, state: Mapping[str, Any]) -> None:
+        saved = reader.manifest.environment
+        current = {**environment(), "dataloader_workers": _loader_workers(state)}
+        for key in ("world_size", "cuda_device_count", "dataloader_workers"):
+            if key in saved and saved[key] != current[key]:
+                logger.warning("%s: %s was %s when saved, is %s now", reader.where, key, saved[key], current[key])
+
+
+def _loader_workers(state: Mapping[str, Any]) -> dict[str, int]:
+    """``num_workers`` of every data loader in the state, by key."""
+    return {str(k): int(v.num_workers) for k, v in state.items() if isinstance(getattr(v, "num_workers", None), int)}
+
+
+def _check_options(keep_last: int | None, keep_best: int | None, monitor: str | None, mode: str,
+                   keep_every: int | None, every_n_steps: int | None, every_n_seconds: float | None,
+                   early_stopping: EarlyStopping | None) -> None:
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode={mode!r}: use 'min' (smaller {monitor or 'metric'} is better) or 'max'")
+    for name, value in [("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every)]:
+        if value is not None and (type(value) is not int or value < 0):
+            raise ValueError(f"{name}={value!r}: must be a non-negative int or None")
+    if keep_every == 0:
+        raise ValueError("keep_every=0: use None to disable, or a positive step interval")
+    if keep_best and monitor is None:
+        raise ValueError(f"keep_best={keep_best} needs monitor='<metric name>' to know what 'best' means")
+    if early_stopping is not None and monitor is None:
+        raise ValueError("early_stopping needs monitor='<metric name>'")
+    if keep_last == 0 and not keep_best and not keep_every:
+        raise ValueError("keep_last=0 with no keep_best/keep_every would keep only the newest checkpoint; "
+                         "use keep_last=1 for that, or keep_last=None to keep all")
+    if every_n_steps is not None and (type(every_n_steps) is not int or every_n_steps <= 0):
+        raise ValueError(f"every_n_steps={every_n_steps!r}: must be a positive int or None")
+    if every_n_seconds is not None and not every_n_seconds > 0:
+        raise ValueError(f"every_n_seconds={every_n_seconds!r}: must be positive or None")

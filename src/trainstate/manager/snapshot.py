@@ -1,0 +1,62 @@
+"""Capturing a state for a background save: state dicts taken now, tensors copied to host memory."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainstate.format.codec import is_stateful, qualified_type
+
+__all__ = ["Captured", "capture"]
+
+
+class Captured:
+    """A live object's state dict as it was at capture time; saved exactly like the object itself."""
+
+    def __init__(self, type_name: str, state: Any) -> None:
+        self.stateful_type = type_name
+        self._state = state
+
+    def state_dict(self) -> Any:
+        return self._state
+
+    def load_state_dict(self, state: Any) -> None:  # pragma: no cover - never restored into
+        raise TypeError("a captured snapshot cannot be restored into")
+
+
+def capture(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Copy ``state`` so training may continue while it is written: live objects are replaced by
+    their state dicts and every tensor is copied to the CPU (aliases stay aliases)."""
+    copies: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def copy_tensor(tensor: torch.Tensor) -> torch.Tensor:
+        key = (tensor.untyped_storage().data_ptr(), tensor.device, tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() == 0 or key not in copies:
+            clone = tensor.detach().to("cpu", copy=True)
+            if isinstance(tensor, torch.nn.Parameter):
+                clone = torch.nn.Parameter(clone, requires_grad=tensor.requires_grad)
+            copies[key] = clone
+        return copies[key]
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return copy_tensor(value)
+        if type(value) in (dict, OrderedDict):
+            out = type(value)((k, walk(v)) for k, v in value.items())
+            if hasattr(value, "_metadata"):
+                out._metadata = value._metadata  # type: ignore[attr-defined]
+            return out
+        if isinstance(value, np.ndarray):
+            return value.copy()
+        if type(value) in (list, tuple):
+            return type(value)(walk(v) for v in value)
+        if is_stateful(value):
+            return Captured(qualified_type(value), walk(value.state_dict()))
+        return value  # plain values are immutable or refused by the codec later, as in a sync save
+
+    return walk(dict(state))
