@@ -276,28 +276,33 @@ def prepare(root: str, params: int, seed: int) -> tuple[dict[str, Any], str, str
     return info, ts_path, pt_path
 
 
+def run_once(args: argparse.Namespace, op: str, path: str, fingerprint: str) -> dict[str, Any]:
+    """One measurement of ``op``: a save writes a new ``path`` and deletes it, a load reads ``path``."""
+    if op in LOAD_OPS and args.cold:
+        evict(path)
+    out = run_child({"op": op, "path": path, "params": args.params, "seed": args.seed})
+    if op in SAVE_OPS:
+        remove(path)
+    elif out["fingerprint"] != fingerprint:
+        raise RuntimeError(f"{op}: the loaded state differs from the saved one")
+    return out
+
+
 def measure(args: argparse.Namespace, root: str) -> tuple[dict[str, Any], list[Result]]:
     info, ts_src, pt_src = prepare(root, args.params, args.seed)
+    paths = {"trainstate.save": os.path.join(root, "save-ts"), "torch.save+fsync": os.path.join(root, "save.pt"),
+             "torch.save": os.path.join(root, "save.pt"), "torch.load+load_state_dict": pt_src}
     results = {op: Result(op, "save" if op in SAVE_OPS else "load", [], []) for op in (*SAVE_OPS, *LOAD_OPS)}
     rss_methods = set()
-    for i in range(args.repeat):  # interleaved, so drift affects every operation alike
-        for op in SAVE_OPS:
-            path = os.path.join(root, f"save-{i}" + ("" if op == "trainstate.save" else ".pt"))
-            out = run_child({"op": op, "path": path, "params": args.params, "seed": args.seed})
-            remove(path)
-            results[op].seconds.append(out["seconds"])
-            results[op].peak_extra_mb.append(out["peak_extra_mb"])
-            rss_methods.add(out["rss_method"])
-        for op in LOAD_OPS:
-            path = pt_src if op.startswith("torch") else ts_src
-            if args.cold:
-                evict(path)
-            out = run_child({"op": op, "path": path, "params": args.params, "seed": args.seed})
-            if out["fingerprint"] != info["fingerprint"]:
-                raise RuntimeError(f"{op}: the loaded state differs from the saved one")
-            results[op].seconds.append(out["seconds"])
-            results[op].peak_extra_mb.append(out["peak_extra_mb"])
-            rss_methods.add(out["rss_method"])
+    for ops in (SAVE_OPS, LOAD_OPS):
+        # Rounds interleave the operations so drift hits them alike; warm-up rounds are discarded.
+        for i in range(args.warmup + args.repeat):
+            for op in ops:
+                out = run_once(args, op, paths.get(op, ts_src), info["fingerprint"])
+                if i >= args.warmup:
+                    results[op].seconds.append(out["seconds"])
+                    results[op].peak_extra_mb.append(out["peak_extra_mb"])
+                    rss_methods.add(out["rss_method"])
     info["rss_method"] = ", ".join(sorted(rss_methods))
     summarize(list(results.values()), info["state_bytes"])
     return info, list(results.values())
@@ -323,7 +328,8 @@ def render(args: argparse.Namespace, info: dict[str, Any], results: list[Result]
          f"= {gb:.3f} GB in {info['num_tensors']} tensors; on disk: trainstate "
          f"{info['disk_bytes']['trainstate'] / 1e9:.3f} GB, torch {info['disk_bytes']['torch'] / 1e9:.3f} GB"),
         (f"Directory: {root} ({fs_type(root)}); {os.cpu_count()} CPUs; torch {torch.__version__}, "
-         f"trainstate {trainstate.__version__}; median of {args.repeat}, each in a fresh process"),
+         f"trainstate {trainstate.__version__}; median of {args.repeat} after {args.warmup} "
+         "discarded warm-up round(s), each run in a fresh process"),
         f"Reads: {reads}. Peak extra RSS: {info['rss_method']}, above the RSS once the live state is built.",
         "",
         "| operation | median s | min-max s | GB/s | time vs torch | peak extra RSS MB |",
@@ -344,7 +350,8 @@ def render(args: argparse.Namespace, info: dict[str, Any], results: list[Result]
 
 def to_json(args: argparse.Namespace, info: dict[str, Any], results: list[Result], root: str) -> dict[str, Any]:
     return {
-        "config": {"params_millions": args.params / 1e6, "repeat": args.repeat, "cold": args.cold,
+        "config": {"params_millions": args.params / 1e6, "repeat": args.repeat, "warmup": args.warmup,
+                   "cold": args.cold,
                    "seed": args.seed, "dir": root, "filesystem": fs_type(root)},
         "environment": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                         "trainstate": trainstate.__version__, "platform": platform.platform()},
@@ -357,6 +364,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--params-millions", type=float, default=85.0, help="model size (AdamW triples it; default 85)")
     p.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is reported")
+    p.add_argument("--warmup", type=int, default=1, help="discarded rounds before the measured ones (default 1)")
     p.add_argument("--dir", default=None, help="parent of the temporary working directory (default: /tmp)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the results as JSON to OUT")
     p.add_argument("--cold", action="store_true", help="evict checkpoint files from the page cache before loads")
@@ -364,8 +372,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.params = int(args.params_millions * 1e6)
-    if args.repeat < 1 or args.params < 1:
-        p.error("--repeat and --params-millions must be positive")
+    if args.repeat < 1 or args.params < 1 or args.warmup < 0:
+        p.error("--repeat and --params-millions must be positive, --warmup not negative")
     return args
 
 

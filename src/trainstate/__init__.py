@@ -16,16 +16,22 @@ from trainstate.errors import (
     UnsupportedFormatError,
     UnsupportedValueError,
 )
+from trainstate.data import ResumableSampler
+from trainstate.manager import CheckpointManager, EarlyStopping, SaveHandle
 from trainstate.rng import RNGState
 
 __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointLockedError",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
+    "EarlyStopping",
     "RNGState",
+    "ResumableSampler",
+    "SaveHandle",
     "StateMismatchError",
     "UnsafeCheckpointError",
     "UnsupportedFormatError",

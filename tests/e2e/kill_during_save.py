@@ -1,0 +1,27 @@
+"""Runs examples/train.py, but SIGKILLs itself inside the commit of step $KILL_DURING_SAVE_STEP:
+after every file of that checkpoint is written and fsynced, just before the rename publishes it."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+from trainstate.storage import local
+
+target = f"step_{int(os.environ['KILL_DURING_SAVE_STEP']):08d}"
+real_commit = local._LocalPending.commit
+
+
+def commit_then_die(self: local._LocalPending) -> None:
+    if os.path.basename(self._final) == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_commit(self)
+
+
+local._LocalPending.commit = commit_then_die  # type: ignore[method-assign]
+script = Path(__file__).resolve().parents[2] / "examples" / "train.py"
+sys.argv = [str(script), *sys.argv[1:]]
+runpy.run_path(str(script), run_name="__main__")

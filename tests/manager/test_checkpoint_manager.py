@@ -1,0 +1,275 @@
+"""CheckpointManager: retention on disk, index from manifests, auto-resume past corruption, locking,
+preemption, early stopping, async saves and bad input."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import pytest
+import torch
+from conftest import assert_same, snapshot
+
+import trainstate
+from trainstate import CheckpointManager, EarlyStopping
+from trainstate.storage import TEMP_PREFIX
+
+
+def model_state(seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    return {"model": torch.nn.Linear(3, 2)}
+
+
+def committed(directory) -> list[str]:
+    return sorted(p for p in os.listdir(directory) if not p.startswith("."))
+
+
+def test_checkpoints_are_plain_trainstate_checkpoints(tmp_path):
+    state = model_state()
+    with CheckpointManager(tmp_path, keep_last=None) as mgr:
+        assert mgr.save(10, state, {"loss": 0.5}) is True
+        assert mgr.steps() == [10] and mgr.latest_step() == 10 and mgr.metrics(10) == {"loss": 0.5}
+        assert mgr.path(10) == str(tmp_path / "step_00000010")
+    loaded = trainstate.load(tmp_path / "step_00000010")
+    assert_same(loaded["model"], state["model"].state_dict())
+
+
+def test_tutorial_scenario_best_survives_on_disk(tmp_path):
+    losses = [0.5, 0.1, 0.4, 0.3, 0.35, 0.45, 0.41]
+    with CheckpointManager(tmp_path, keep_last=4, keep_best=1, monitor="val_loss") as mgr:
+        for step, loss in enumerate(losses, start=1):
+            mgr.save(step, model_state(step), {"val_loss": loss})
+        assert mgr.best_step() == 2
+        assert mgr.steps() == [2, 4, 5, 6, 7]
+    assert committed(tmp_path) == [f"step_{s:08d}" for s in (2, 4, 5, 6, 7)]
+    best = trainstate.load(tmp_path / "step_00000002")
+    assert_same(best["model"], model_state(2)["model"].state_dict())
+
+
+def test_index_is_rebuilt_from_manifests(tmp_path):
+    with CheckpointManager(tmp_path, keep_last=None) as mgr:
+        for step, loss in [(1, 0.3), (2, 0.1), (3, 0.2)]:
+            mgr.save(step, model_state(), {"val_loss": loss})
+    (tmp_path / "step_00000099").mkdir()  # no manifest: not a checkpoint
+    mgr = CheckpointManager(tmp_path, keep_last=None, monitor="val_loss")
+    assert mgr.steps() == [1, 2, 3] and mgr.best_step() == 2 and mgr.metrics(3) == {"val_loss": 0.2}
+    with pytest.raises(trainstate.CheckpointNotFoundError, match="step 99"):
+        mgr.metrics(99)
+    mgr.close()
+
+
+def _flip(path, offset=-1):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped_byte", "truncated", "missing_manifest", "manifest_edit"])
+def test_restore_falls_back_past_a_corrupt_newest_checkpoint(tmp_path, caplog, damage):
+    with CheckpointManager(tmp_path, keep_last=None) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, model_state(step))
+    newest = tmp_path / "step_00000003"
+    tensors = newest / "tensors-00000.safetensors"
+    if damage == "flipped_byte":
+        _flip(tensors)
+    elif damage == "truncated":
+        tensors.write_bytes(tensors.read_bytes()[:-7])
+    elif damage == "missing_manifest":
+        (newest / "manifest.json").unlink()
+    else:
+        _flip(newest / "manifest.json", 40)
+    (tmp_path / f"{TEMP_PREFIX}step_00000004-dead").mkdir()  # leftover of a killed writer
+    target = model_state(99)
+    caplog.set_level(logging.WARNING)
+    with CheckpointManager(tmp_path, keep_last=None) as mgr:
+        assert mgr.restore(target) == 2
+    assert_same(target["model"].state_dict(), model_state(2)["model"].state_dict())
+    assert "step_00000003" in caplog.text or "step 3" in caplog.text
+
+
+def test_restore_raises_on_state_mismatch_instead_of_skipping(tmp_path):
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, model_state())
+        mgr.save(2, model_state())
+        with pytest.raises(trainstate.StateMismatchError, match="model.weight"):
+            mgr.restore({"model": torch.nn.Linear(4, 2)})
+
+
+def test_restore_specific_step_and_empty_directory(tmp_path):
+    with CheckpointManager(tmp_path, keep_last=None) as mgr:
+        assert mgr.restore(model_state()) is None
+        mgr.save(1, model_state(1))
+        mgr.save(2, model_state(2))
+        target = model_state(5)
+        assert mgr.restore(target, step=1) == 1
+        assert_same(target["model"].state_dict(), model_state(1)["model"].state_dict())
+        _flip(tmp_path / "step_00000001" / "tensors-00000.safetensors")
+        with pytest.raises(trainstate.CorruptCheckpointError, match="step_00000001"):
+            mgr.restore(target, step=1)
+
+
+def test_second_writer_gets_a_clear_error_and_readers_need_no_lock(tmp_path):
+    with CheckpointManager(tmp_path) as first:
+        first.save(1, model_state())
+        second = CheckpointManager(tmp_path)
+        assert second.restore(model_state()) == 1  # readers take no lock
+        before = snapshot(tmp_path)
+        with pytest.raises(trainstate.CheckpointLockedError, match=str(tmp_path)):
+            second.save(2, model_state())
+        assert snapshot(tmp_path) == before
+        second.close()
+        first.save(2, model_state())
+    with CheckpointManager(tmp_path) as third:  # released on close
+        third.save(3, model_state())
+
+
+def test_next_writer_removes_stale_temporaries(tmp_path):
+    (tmp_path / f"{TEMP_PREFIX}step_00000007-abc").mkdir(parents=True)
+    (tmp_path / f"{TEMP_PREFIX}step_00000007-abc" / "tensors-00000.safetensors").write_bytes(b"partial")
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(8, model_state())
+    assert os.listdir(tmp_path) == ["step_00000008"]
+
+
+def test_triggers_decide_when_force_false_saves(tmp_path):
+    with CheckpointManager(tmp_path, keep_last=None, every_n_steps=3) as mgr:
+        saved = [step for step in range(1, 10) if mgr.save(step, model_state(), force=False)]
+    assert saved == [3, 6, 9]
+
+
+def test_preemption_signal_forces_a_save_and_asks_to_stop(tmp_path):
+    previous = signal.getsignal(signal.SIGUSR1)
+    with CheckpointManager(tmp_path, keep_last=None, every_n_steps=100,
+                           preemption_signals=[signal.SIGUSR1]) as mgr:
+        assert not mgr.save(1, model_state(), force=False)
+        os.kill(os.getpid(), signal.SIGUSR1)  # the handler only sets a flag
+        assert not mgr.should_stop and mgr.steps() == []
+        assert mgr.save(2, model_state(), force=False)
+        assert mgr.should_stop and mgr.steps() == [2] and mgr.stop_reason == "preempted by SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) == previous
+
+
+def test_early_stopping_state_survives_a_restart(tmp_path):
+    def run(losses, start):
+        state = model_state()
+        with CheckpointManager(tmp_path, keep_last=2, keep_best=1, monitor="val_loss",
+                               early_stopping=EarlyStopping(patience=3, min_delta=0.01)) as mgr:
+            step = mgr.restore(state) or start
+            for loss in losses:
+                step += 1
+                mgr.save(step, state, {"val_loss": loss})
+            return mgr.should_stop, mgr.early_stopping.bad_evaluations, mgr.stop_reason
+
+    assert run([1.0, 0.5, 0.495, 0.6], 0) == (False, 2, None)  # 0.495 is within min_delta: no improvement
+    stop, bad, reason = run([0.7], 0)
+    assert (stop, bad) == (True, 3) and "val_loss did not improve for 3 evaluations" in reason
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"mode": "maximum"}, "mode='maximum'"),
+    ({"keep_last": 0}, "keep_last=0"),
+    ({"keep_best": 1}, "needs monitor"),
+    ({"keep_last": -1}, "keep_last=-1"),
+    ({"every_n_steps": 0}, "every_n_steps=0"),
+    ({"early_stopping": EarlyStopping(patience=2)}, "early_stopping needs monitor"),
+])
+def test_bad_options_are_refused_eagerly(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        CheckpointManager(tmp_path / "ckpts", **kwargs)
+    assert not (tmp_path / "ckpts").exists()
+
+
+def test_bad_save_calls_lose_nothing(tmp_path):
+    with CheckpointManager(tmp_path, keep_last=None, monitor="val_loss", keep_best=1) as mgr:
+        mgr.save(5, model_state(), {"val_loss": 1.0})
+        before = snapshot(tmp_path)
+        with pytest.raises(ValueError, match="do not include the monitored metric 'val_loss'"):
+            mgr.save(6, model_state(), {"val_los": 1.0})
+        with pytest.raises(ValueError, match="step 4 is older than the latest checkpoint"):
+            mgr.save(4, model_state())
+        assert mgr.save(5, model_state()) is False  # same step: not saved twice
+        with pytest.raises(ValueError, match="not a number"):
+            mgr.save(6, model_state(), {"val_loss": "low"})
+        with pytest.raises(trainstate.UnsupportedValueError, match="extra"):
+            mgr.save(6, {**model_state(), "extra": object()})
+        assert snapshot(tmp_path) == before and mgr.steps() == [5]
+        mgr.save(6, model_state(), metrics=None)  # no metrics: allowed, never best
+        assert mgr.best_step() == 5
+
+
+def test_directory_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(trainstate.CheckpointWriteError, match="not a directory"):
+        CheckpointManager(tmp_path / "file")
+
+
+def test_unwritable_directory_is_a_clear_error(tmp_path, monkeypatch):
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, model_state())
+        before = snapshot(tmp_path)
+
+        def refuse(path, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", path)
+
+        monkeypatch.setattr(os, "mkdir", refuse)
+        with pytest.raises(trainstate.CheckpointWriteError, match="Permission denied"):
+            mgr.save(2, model_state())
+        monkeypatch.undo()
+        assert snapshot(tmp_path) == before
+        mgr.save(3, model_state())
+        assert mgr.steps() == [1, 3]
+
+
+def test_async_save_captures_state_at_call_time(tmp_path):
+    state = model_state()
+    expected = {k: v.clone() for k, v in state["model"].state_dict().items()}
+    with CheckpointManager(tmp_path, async_save=True) as mgr:
+        assert mgr.save(1, state)
+        with torch.no_grad():
+            state["model"].weight.add_(1.0)  # training continues while the save is written
+        mgr.wait()
+        assert mgr.steps() == [1]
+    assert_same(dict(trainstate.load(tmp_path / "step_00000001")["model"]), expected)
+
+
+def test_async_save_error_surfaces_on_wait_and_next_save(tmp_path, monkeypatch):
+    from trainstate.storage import local
+
+    with CheckpointManager(tmp_path, async_save=True) as mgr:
+        mgr.save(1, model_state())
+        mgr.wait()
+        real_write = local._LocalPending.write
+
+        def failing(self, filename, chunks):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(local._LocalPending, "write", failing)
+        assert mgr.save(2, model_state())  # returns at once; the failure happens in the background
+        with pytest.raises(trainstate.CheckpointWriteError, match="No space left"):
+            mgr.wait()
+        monkeypatch.setattr(local._LocalPending, "write", real_write)
+        mgr.save(2, model_state())
+        mgr.wait()
+        assert mgr.steps() == [1, 2]
+
+
+def test_environment_differences_are_reported(tmp_path, caplog):
+    class Loader:
+        def __init__(self, workers):
+            self.num_workers = workers
+
+        def state_dict(self):
+            return {"position": 3}
+
+        def load_state_dict(self, state):
+            self.position = state["position"]
+
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"loader": Loader(2)})
+    caplog.set_level(logging.WARNING)
+    with CheckpointManager(tmp_path) as mgr:
+        loader = Loader(4)
+        assert mgr.restore({"loader": loader}) == 1 and loader.position == 3
+    assert "dataloader_workers was {'loader': 2} when saved, is {'loader': 4} now" in caplog.text
