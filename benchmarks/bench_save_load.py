@@ -72,7 +72,7 @@ def build_state(params: int, *, seed: int, trained: bool) -> tuple[Model, Optimi
 
 def tensors_of(model: Model, opt: Optimizer) -> list[torch.Tensor]:
     """Every tensor of the model and optimizer state, in a fixed order."""
-    out = [t for t in model.state_dict().values()]
+    out = list(model.state_dict().values())
     for _, param_state in sorted(opt.state_dict()["state"].items()):
         out += [v for _, v in sorted(param_state.items()) if isinstance(v, torch.Tensor)]
     return out
@@ -109,7 +109,7 @@ def _reset_hwm() -> bool:
 
 @dataclass
 class PeakRss:
-    """Peak RSS above the value at entry, in MB; from VmHWM when it can be reset, else sampled."""
+    """RSS at entry and peak RSS inside the block, in kB; from VmHWM when it can be reset, else sampled."""
 
     baseline_kb: int = 0
     peak_kb: int = 0
@@ -276,14 +276,14 @@ def prepare(root: str, params: int, seed: int) -> tuple[dict[str, Any], str, str
     return info, ts_path, pt_path
 
 
-def run_once(args: argparse.Namespace, op: str, path: str, fingerprint: str) -> dict[str, Any]:
+def run_once(args: argparse.Namespace, op: str, path: str, expected: str) -> dict[str, Any]:
     """One measurement of ``op``: a save writes a new ``path`` and deletes it, a load reads ``path``."""
     if op in LOAD_OPS and args.cold:
         evict(path)
     out = run_child({"op": op, "path": path, "params": args.params, "seed": args.seed})
     if op in SAVE_OPS:
         remove(path)
-    elif out["fingerprint"] != fingerprint:
+    elif out["fingerprint"] != expected:
         raise RuntimeError(f"{op}: the loaded state differs from the saved one")
     return out
 
