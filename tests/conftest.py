@@ -70,7 +70,7 @@ def assert_same(a, b) -> None:
             assert_same(a[k], b[k])
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=False):
             assert_same(x, y)
     elif isinstance(a, float) and a != a:
         assert b != b
@@ -80,5 +80,6 @@ def assert_same(a, b) -> None:
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().contiguous().resolve_conj().resolve_neg().reshape(-1).view(torch.uint8)
+
 
 __all__ = ["TiedNet", "assert_same", "snapshot", "train_step", "trainstate"]

@@ -10,14 +10,31 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import TiedNet, assert_same, train_step
 
 import trainstate
+from conftest import TiedNet, assert_same, train_step
 
 ALL_DTYPES = [
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128, torch.bool,
-    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64,
-    torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.float8_e8m0fnu,
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.complex64,
+    torch.complex128,
+    torch.bool,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz,
+    torch.float8_e8m0fnu,
 ]
 
 
@@ -29,8 +46,12 @@ def _sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_every_dtype_round_trips_bitwise(tmp_path, dtype):
     torch.manual_seed(0)
-    state = {"t": _sample(dtype, (3, 5)), "scalar": _sample(dtype, ()), "empty": _sample(dtype, (0, 4)),
-             "strided": _sample(dtype, (6, 4))[:, ::2]}
+    state = {
+        "t": _sample(dtype, (3, 5)),
+        "scalar": _sample(dtype, ()),
+        "empty": _sample(dtype, (0, 4)),
+        "strided": _sample(dtype, (6, 4))[:, ::2],
+    }
     trainstate.save(tmp_path / "c", state)
     loaded = trainstate.load(tmp_path / "c")
     expected = {k: v.contiguous() for k, v in state.items()}
@@ -40,19 +61,57 @@ def test_every_dtype_round_trips_bitwise(tmp_path, dtype):
 
 def test_plain_values_round_trip_with_types(tmp_path):
     state = {
-        "int": 3, "huge": 2**200 + 1, "neg_huge": -(2**80), "float": 0.1, "nan": math.nan, "inf": math.inf,
-        "ninf": -math.inf, "negzero": -0.0, "bool": True, "none": None, "str": "héllo", "bytes": b"\x00\xff",
-        "tuple": (1, (2.5, "x"), []), "list": [1, [2, {"k": 3}]], "int_keys": {0: "a", 7: {1: 2}},
-        "mixed_keys": {1: "x", "y": 2, (1, 2): 3, None: 4}, "size": torch.Size([2, 3]), "dtype": torch.bfloat16,
-        "device": torch.device("cuda", 1), "odict": OrderedDict([("b", 1), ("a", 2)]),
-        "np_array": np.arange(6, dtype=">i4").reshape(2, 3), "np_f16": np.ones(3, dtype=np.float16),
-        "np_scalar": np.float32(1.5), "np_int": np.int64(-3), "np_bool": np.bool_(True), "py_random": random.getstate(),
+        "int": 3,
+        "huge": 2**200 + 1,
+        "neg_huge": -(2**80),
+        "float": 0.1,
+        "nan": math.nan,
+        "inf": math.inf,
+        "ninf": -math.inf,
+        "negzero": -0.0,
+        "bool": True,
+        "none": None,
+        "str": "héllo",
+        "bytes": b"\x00\xff",
+        "tuple": (1, (2.5, "x"), []),
+        "list": [1, [2, {"k": 3}]],
+        "int_keys": {0: "a", 7: {1: 2}},
+        "mixed_keys": {1: "x", "y": 2, (1, 2): 3, None: 4},
+        "size": torch.Size([2, 3]),
+        "dtype": torch.bfloat16,
+        "device": torch.device("cuda", 1),
+        "odict": OrderedDict([("b", 1), ("a", 2)]),
+        "np_array": np.arange(6, dtype=">i4").reshape(2, 3),
+        "np_f16": np.ones(3, dtype=np.float16),
+        "np_scalar": np.float32(1.5),
+        "np_int": np.int64(-3),
+        "np_bool": np.bool_(True),
+        "py_random": random.getstate(),
         "numpy_rng": np.random.get_state(),
     }
     trainstate.save(tmp_path / "c", state)
     loaded = trainstate.load(tmp_path / "c")
-    for key in ["int", "huge", "neg_huge", "float", "inf", "ninf", "bool", "none", "str", "bytes", "tuple", "list",
-                "int_keys", "mixed_keys", "size", "dtype", "device", "odict", "py_random"]:
+    for key in [
+        "int",
+        "huge",
+        "neg_huge",
+        "float",
+        "inf",
+        "ninf",
+        "bool",
+        "none",
+        "str",
+        "bytes",
+        "tuple",
+        "list",
+        "int_keys",
+        "mixed_keys",
+        "size",
+        "dtype",
+        "device",
+        "odict",
+        "py_random",
+    ]:
         assert loaded[key] == state[key] and type(loaded[key]) is type(state[key]), key
     assert math.isnan(loaded["nan"]) and math.copysign(1, loaded["negzero"]) == -1
     assert loaded["np_array"].dtype == np.dtype(">i4") and np.array_equal(loaded["np_array"], state["np_array"])
@@ -60,7 +119,11 @@ def test_plain_values_round_trip_with_types(tmp_path):
     for key in ["np_scalar", "np_int", "np_bool"]:
         assert type(loaded[key]) is type(state[key]) and loaded[key] == state[key]
     saved_rng, loaded_rng = state["numpy_rng"], loaded["numpy_rng"]
-    assert loaded_rng[0] == saved_rng[0] and np.array_equal(loaded_rng[1], saved_rng[1]) and loaded_rng[2:] == saved_rng[2:]
+    assert (
+        loaded_rng[0] == saved_rng[0]
+        and np.array_equal(loaded_rng[1], saved_rng[1])
+        and loaded_rng[2:] == saved_rng[2:]
+    )
     assert list(loaded) == list(state)
 
 
@@ -137,9 +200,12 @@ def _schedulers(optimizer):
         "plateau": lambda: torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=1),
         "sequential": lambda: torch.optim.lr_scheduler.SequentialLR(
             optimizer,
-            [torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=2),
-             torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.9)],
-            milestones=[2]),
+            [
+                torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=2),
+                torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.9),
+            ],
+            milestones=[2],
+        ),
     }
 
 
@@ -152,7 +218,7 @@ def test_scheduler_round_trip_continues_identically(tmp_path, make_mlp, name):
         if resume_from is not None:
             trainstate.load(resume_from, {"optimizer": optimizer, "scheduler": scheduler})
         lrs = []
-        for i in range(steps_before):
+        for _i in range(steps_before):
             optimizer.step()
             scheduler.step(1.0) if name == "plateau" else scheduler.step()
             lrs.append(optimizer.param_groups[0]["lr"])

@@ -249,8 +249,11 @@ def _edited_without_checksum(data: bytes) -> bytes:
     return edited
 
 
-@pytest.mark.parametrize("damage", [_garbage, _truncated, _empty, _not_utf8, _json_array, _edited_without_checksum],
-                         ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "damage",
+    [_garbage, _truncated, _empty, _not_utf8, _json_array, _edited_without_checksum],
+    ids=lambda f: f.__name__.strip("_"),
+)
 def test_malformed_manifest(ckpt, damage):
     path, _ = ckpt
     manifest = path / MANIFEST_NAME
@@ -280,8 +283,18 @@ def _bad_names(tmp_path) -> dict[str, str]:
     }
 
 
-BAD_NAME_IDS = ["dotdot", "bare_dotdot", "embedded_dotdot", "absolute", "slash", "trailing_slash", "backslash",
-                "nul", "dot", "hidden"]
+BAD_NAME_IDS = [
+    "dotdot",
+    "bare_dotdot",
+    "embedded_dotdot",
+    "absolute",
+    "slash",
+    "trailing_slash",
+    "backslash",
+    "nul",
+    "dot",
+    "hidden",
+]
 
 
 @pytest.mark.parametrize("which", BAD_NAME_IDS)
@@ -319,16 +332,20 @@ def test_unsafe_file_in_tensor_ref(ckpt, tmp_path, which):
     assert disk_state(tmp_path) == before
 
 
-@pytest.mark.parametrize("fields", [
-    {"dtype": "float64"},
-    {"dtype": "not_a_dtype"},
-    {"dtype": "Tensor"},
-    {"shape": [3, 2]},
-    {"shape": [-2, -4]},
-    {"shape": "2x4"},
-    {"key": "model.nothing"},
-    {"key": 7},
-], ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"dtype": "float64"},
+        {"dtype": "not_a_dtype"},
+        {"dtype": "Tensor"},
+        {"shape": [3, 2]},
+        {"shape": [-2, -4]},
+        {"shape": "2x4"},
+        {"key": "model.nothing"},
+        {"key": 7},
+    ],
+    ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()),
+)
 def test_tampered_tensor_ref_fields(ckpt, fields):
     """A ref whose dtype/shape/key disagree with the safetensors header (checksum valid) is corrupt."""
     path, _ = ckpt
@@ -368,7 +385,13 @@ def test_truncated_tensor_file(ckpt, keep):
     tensor_file = path / TENSOR_FILE
     data = tensor_file.read_bytes()
     hlen = header_length(tensor_file)
-    n = {"zero": 0, "prefix_only": 8, "half_header": 8 + hlen // 2, "header_only": 8 + hlen, "minus_one": len(data) - 1}[keep]
+    n = {
+        "zero": 0,
+        "prefix_only": 8,
+        "half_header": 8 + hlen // 2,
+        "header_only": 8 + hlen,
+        "minus_one": len(data) - 1,
+    }[keep]
     tensor_file.write_bytes(data[:n])
     before = disk_state(path.parent)
     live = make_linear(1, 4, 2)
@@ -480,8 +503,9 @@ def test_shape_mismatch_strict(ckpt):
     before = disk_state(path.parent)
     live = make_linear(1, 4, 3)
     live_before = weights(live)
-    expect_error(StateMismatchError, lambda: trainstate.load(path, {"model": live}), path, "'model.weight'", "[2, 4]",
-                 "[3, 4]")
+    expect_error(
+        StateMismatchError, lambda: trainstate.load(path, {"model": live}), path, "'model.weight'", "[2, 4]", "[3, 4]"
+    )
     assert_weights(live, live_before)
     assert disk_state(path.parent) == before
 
@@ -554,8 +578,11 @@ class Opaque:
     pass
 
 
-@pytest.mark.parametrize("value, type_name", [({1, 2}, "set"), (lambda x: x, "function"), (Opaque(), "Opaque")],
-                         ids=["set", "lambda", "plain_object"])
+@pytest.mark.parametrize(
+    "value, type_name",
+    [({1, 2}, "set"), (lambda x: x, "function"), (Opaque(), "Opaque")],
+    ids=["set", "lambda", "plain_object"],
+)
 def test_unsupported_value_on_save_keeps_previous_checkpoint(ckpt, value, type_name):
     path, saved = ckpt
     before = disk_state(path.parent)
@@ -597,10 +624,14 @@ def test_pickled_value_needs_allow_pickle(tmp_path):
 # --------------------------------------------------------------------------------------------- no partial restore
 
 
-@pytest.mark.parametrize("shard_bytes", [
-    None,
-    1,
-], ids=["one_file", "file_per_tensor"])
+@pytest.mark.parametrize(
+    "shard_bytes",
+    [
+        None,
+        1,
+    ],
+    ids=["one_file", "file_per_tensor"],
+)
 def test_corrupt_checkpoint_leaves_live_model_untouched(tmp_path, shard_bytes):
     path = tmp_path / "ckpt"
     kwargs = {} if shard_bytes is None else {"shard_bytes": shard_bytes}

@@ -25,15 +25,20 @@ def test_tutorial_resume_is_bit_identical(tmp_path, live):
 
 
 def test_tutorial_script_reports_identical():
-    out = subprocess.run([sys.executable, str(EXAMPLES / "tutorial_resume.py"), "--live"], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "tutorial_resume.py"), "--live"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "identical: True" in out.stdout
 
 
 def test_main_demo_kills_resumes_and_reports_identical():
-    out = subprocess.run([sys.executable, str(EXAMPLES / "resume_demo.py"), "--total-steps", "30", "--kill-at", "12"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "resume_demo.py"), "--total-steps", "30", "--kill-at", "12"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "resumed from the checkpoint of step 10" in out.stdout
     assert "identical: True" in out.stdout and "NO" not in out.stdout

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_same
 
 import trainstate
+from conftest import assert_same
 from trainstate.format import FORMAT_VERSION, CheckpointReader, Manifest
 from trainstate.storage import split_path
 

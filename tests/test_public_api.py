@@ -5,10 +5,24 @@ from __future__ import annotations
 import trainstate
 
 EXPECTED = {
-    "CheckpointError", "CheckpointExistsError", "CheckpointLockedError", "CheckpointManager", "EarlyStopping",
-    "ResumableSampler", "SaveHandle", "CheckpointNotFoundError",
-    "CheckpointWriteError", "CorruptCheckpointError", "RNGState", "StateMismatchError", "UnsafeCheckpointError",
-    "UnsupportedFormatError", "UnsupportedValueError", "__version__", "load", "save",
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointLockedError",
+    "CheckpointManager",
+    "EarlyStopping",
+    "ResumableSampler",
+    "SaveHandle",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "CorruptCheckpointError",
+    "RNGState",
+    "StateMismatchError",
+    "UnsafeCheckpointError",
+    "UnsupportedFormatError",
+    "UnsupportedValueError",
+    "__version__",
+    "load",
+    "save",
 }
 
 

@@ -12,8 +12,15 @@ import trainstate
 
 
 def _draw() -> tuple:
-    return (random.random(), random.getrandbits(64), np.random.rand(3).tolist(), np.random.normal(), 
-            torch.rand(4).tolist(), torch.randint(0, 1000, (3,)).tolist(), torch.randn(2).tolist())
+    return (
+        random.random(),
+        random.getrandbits(64),
+        np.random.rand(3).tolist(),
+        np.random.normal(),
+        torch.rand(4).tolist(),
+        torch.randint(0, 1000, (3,)).tolist(),
+        torch.randn(2).tolist(),
+    )
 
 
 def test_restore_replays_every_generator(tmp_path):

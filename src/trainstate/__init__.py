@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from trainstate._version import __version__
 from trainstate.api import load, save
+from trainstate.data import ResumableSampler
 from trainstate.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -16,7 +17,6 @@ from trainstate.errors import (
     UnsupportedFormatError,
     UnsupportedValueError,
 )
-from trainstate.data import ResumableSampler
 from trainstate.manager import CheckpointManager, EarlyStopping, SaveHandle
 from trainstate.rng import RNGState
 

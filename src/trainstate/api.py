@@ -58,15 +58,30 @@ def save(
     storage.lock(timeout=LOCK_TIMEOUT_S)
     try:
         storage.cleanup()
-        save_to(storage, name, state, metadata=metadata, overwrite=overwrite, allow_pickle=allow_pickle,
-                shard_bytes=shard_bytes)
+        save_to(
+            storage,
+            name,
+            state,
+            metadata=metadata,
+            overwrite=overwrite,
+            allow_pickle=allow_pickle,
+            shard_bytes=shard_bytes,
+        )
     finally:
         storage.unlock()
 
 
-def save_to(storage: Storage, name: str, state: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = None,
-            overwrite: bool = True, allow_pickle: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
-            environment: dict[str, Any] | None = None) -> None:
+def save_to(
+    storage: Storage,
+    name: str,
+    state: Mapping[str, Any],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = True,
+    allow_pickle: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    environment: dict[str, Any] | None = None,
+) -> None:
     """`save` into a storage whose writer lock the caller already holds."""
     where = os.path.join(storage.root, name)
     if not isinstance(state, Mapping):
@@ -74,8 +89,15 @@ def save_to(storage: Storage, name: str, state: Mapping[str, Any], *, metadata: 
     if metadata is not None and not isinstance(metadata, Mapping):
         raise UnsupportedValueError(f"{where}: metadata must be a mapping, got {type(metadata).__name__}")
     tree = state if isinstance(state, dict) else dict(state)
-    write_checkpoint(storage.begin(name, overwrite=overwrite), tree, metadata=dict(metadata or {}),
-                     environment_extra=environment, allow_pickle=allow_pickle, shard_bytes=shard_bytes, where=where)
+    write_checkpoint(
+        storage.begin(name, overwrite=overwrite),
+        tree,
+        metadata=dict(metadata or {}),
+        environment_extra=environment,
+        allow_pickle=allow_pickle,
+        shard_bytes=shard_bytes,
+        where=where,
+    )
 
 
 def load(
@@ -111,12 +133,25 @@ def load(
         {'w': tensor([1., 1.]), 'step': 7}
     """
     storage, name = split_path(path)
-    return restore(CheckpointReader(storage, name), state, map_location=map_location, strict=strict, verify=verify,
-                   allow_pickle=allow_pickle)
+    return restore(
+        CheckpointReader(storage, name),
+        state,
+        map_location=map_location,
+        strict=strict,
+        verify=verify,
+        allow_pickle=allow_pickle,
+    )
 
 
-def restore(reader: CheckpointReader, state: Mapping[str, Any] | None = None, *, map_location: MapLocation = None,
-            strict: bool = True, verify: bool = True, allow_pickle: bool = False) -> dict[str, Any]:
+def restore(
+    reader: CheckpointReader,
+    state: Mapping[str, Any] | None = None,
+    *,
+    map_location: MapLocation = None,
+    strict: bool = True,
+    verify: bool = True,
+    allow_pickle: bool = False,
+) -> dict[str, Any]:
     """`load` from an opened checkpoint."""
     destinations: dict[Path, torch.Tensor] = {}
     loader = TensorLoader(reader, map_location=map_location, verify=verify, destinations=destinations.get)
@@ -154,8 +189,15 @@ def _contains_stateful(value: Any) -> bool:
 class _Restorer:
     """Walks the target state beside the saved tree; collects live objects to restore after the read."""
 
-    def __init__(self, reader: CheckpointReader, loader: TensorLoader, destinations: dict[Path, torch.Tensor], *,
-                 strict: bool, allow_pickle: bool) -> None:
+    def __init__(
+        self,
+        reader: CheckpointReader,
+        loader: TensorLoader,
+        destinations: dict[Path, torch.Tensor],
+        *,
+        strict: bool,
+        allow_pickle: bool,
+    ) -> None:
         self._reader = reader
         self._loader = loader
         self._destinations = destinations
@@ -182,11 +224,15 @@ class _Restorer:
             return self._decode(node, path)
         result: dict[Any, Any] = {}
         for key, child in self._children(node, path):
-            result[key] = self.walk(child, target[key], (*path, key)) if key in target else self._decode(child, (*path, key))
+            result[key] = (
+                self.walk(child, target[key], (*path, key)) if key in target else self._decode(child, (*path, key))
+            )
         for key, value in target.items():
             if key not in result and _contains_stateful(value):
-                self._mismatch(f"key {format_path((*path, key))!r}: missing from the checkpoint "
-                               f"(saved keys: {', '.join(map(str, result)) or 'none'})")
+                self._mismatch(
+                    f"key {format_path((*path, key))!r}: missing from the checkpoint "
+                    f"(saved keys: {', '.join(map(str, result)) or 'none'})"
+                )
         return result
 
     def _live(self, node: Any, target: Any, path: Path) -> Any:
@@ -201,9 +247,11 @@ class _Restorer:
         return target
 
     def _check_module(self, decoded: Any, expected: Mapping[str, Any], path: Path) -> Any:
-        if not isinstance(decoded, Mapping):
-            raise StateMismatchError(f"{self._reader.where}: key {format_path(path)!r}: saved value is a "
-                                     f"{type(decoded).__name__}, not a module state dict")
+        if not isinstance(decoded, dict):
+            raise StateMismatchError(
+                f"{self._reader.where}: key {format_path(path)!r}: saved value is a "
+                f"{type(decoded).__name__}, not a module state dict"
+            )
         missing = [k for k in expected if k not in decoded]
         unexpected = [k for k in decoded if k not in expected]
         if missing or unexpected:
@@ -213,8 +261,10 @@ class _Restorer:
             if not (isinstance(saved, torch.Tensor) and isinstance(live, torch.Tensor)):
                 continue
             if saved.shape != live.shape or saved.dtype != live.dtype:
-                self._mismatch(f"key {format_path((*path, key))!r}: {saved.dtype}{list(saved.shape)} in the checkpoint, "
-                               f"{live.dtype}{list(live.shape)} in the live object")
+                self._mismatch(
+                    f"key {format_path((*path, key))!r}: {saved.dtype}{list(saved.shape)} in the checkpoint, "
+                    f"{live.dtype}{list(live.shape)} in the live object"
+                )
                 del decoded[key]
         return decoded
 

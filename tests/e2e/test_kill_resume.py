@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import assert_same
 
 import trainstate
+from conftest import assert_same
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "examples" / "train.py"
@@ -31,11 +31,20 @@ class Run:
     outputs: list[str] = field(default_factory=list)
 
 
-def _launch(script: Path, directory: Path, args: list[str], run: Run, *, stop_at: int | None = None,
-            sig: signal.Signals = signal.SIGKILL, env: dict[str, str] | None = None) -> int:
+def _launch(
+    script: Path,
+    directory: Path,
+    args: list[str],
+    run: Run,
+    *,
+    stop_at: int | None = None,
+    sig: signal.Signals = signal.SIGKILL,
+    env: dict[str, str] | None = None,
+) -> int:
     cmd = [sys.executable, str(script), "--dir", str(directory), "--total-steps", str(TOTAL), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})}, cwd=ROOT)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, cwd=ROOT
+    )
     assert proc.stdout is not None
     signalled = False
     for line in proc.stdout:

@@ -9,9 +9,9 @@ import signal
 
 import pytest
 import torch
-from conftest import assert_same, snapshot
 
 import trainstate
+from conftest import assert_same, snapshot
 from trainstate import CheckpointManager, EarlyStopping
 from trainstate.storage import TEMP_PREFIX
 
@@ -141,8 +141,7 @@ def test_triggers_decide_when_force_false_saves(tmp_path):
 
 def test_preemption_signal_forces_a_save_and_asks_to_stop(tmp_path):
     previous = signal.getsignal(signal.SIGUSR1)
-    with CheckpointManager(tmp_path, keep_last=None, every_n_steps=100,
-                           preemption_signals=[signal.SIGUSR1]) as mgr:
+    with CheckpointManager(tmp_path, keep_last=None, every_n_steps=100, preemption_signals=[signal.SIGUSR1]) as mgr:
         assert not mgr.save(1, model_state(), force=False)
         os.kill(os.getpid(), signal.SIGUSR1)  # the handler only sets a flag
         assert not mgr.should_stop and mgr.steps() == []
@@ -154,8 +153,13 @@ def test_preemption_signal_forces_a_save_and_asks_to_stop(tmp_path):
 def test_early_stopping_state_survives_a_restart(tmp_path):
     def run(losses, start):
         state = model_state()
-        with CheckpointManager(tmp_path, keep_last=2, keep_best=1, monitor="val_loss",
-                               early_stopping=EarlyStopping(patience=3, min_delta=0.01)) as mgr:
+        with CheckpointManager(
+            tmp_path,
+            keep_last=2,
+            keep_best=1,
+            monitor="val_loss",
+            early_stopping=EarlyStopping(patience=3, min_delta=0.01),
+        ) as mgr:
             step = mgr.restore(state) or start
             for loss in losses:
                 step += 1
@@ -167,14 +171,17 @@ def test_early_stopping_state_survives_a_restart(tmp_path):
     assert (stop, bad) == (True, 3) and "val_loss did not improve for 3 evaluations" in reason
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"mode": "maximum"}, "mode='maximum'"),
-    ({"keep_last": 0}, "keep_last=0"),
-    ({"keep_best": 1}, "needs monitor"),
-    ({"keep_last": -1}, "keep_last=-1"),
-    ({"every_n_steps": 0}, "every_n_steps=0"),
-    ({"early_stopping": EarlyStopping(patience=2)}, "early_stopping needs monitor"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mode": "maximum"}, "mode='maximum'"),
+        ({"keep_last": 0}, "keep_last=0"),
+        ({"keep_best": 1}, "needs monitor"),
+        ({"keep_last": -1}, "keep_last=-1"),
+        ({"every_n_steps": 0}, "every_n_steps=0"),
+        ({"early_stopping": EarlyStopping(patience=2)}, "early_stopping needs monitor"),
+    ],
+)
 def test_bad_options_are_refused_eagerly(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         CheckpointManager(tmp_path / "ckpts", **kwargs)

@@ -49,11 +49,14 @@ def test_every_file_and_directory_is_fsynced_in_commit_order(tmp_path, monkeypat
 
     publish = next(i for i, (kind, _) in enumerate(events) if kind in ("rename", "exchange"))
     synced_before = {os.path.basename(p) for kind, p in events[:publish] if kind == "fsync"}
-    tmp_name = next(os.path.basename(p) for kind, p in events[:publish]
-                    if kind == "fsync" and os.path.basename(p).startswith(TEMP_PREFIX))
+    tmp_name = next(
+        os.path.basename(p)
+        for kind, p in events[:publish]
+        if kind == "fsync" and os.path.basename(p).startswith(TEMP_PREFIX)
+    )
     assert {"a.bin", "manifest.json", tmp_name} <= synced_before  # files, then their directory
     assert events[publish] == ("exchange" if replace else "rename", str(tmp_path / "ckpt"))
-    assert ("fsync", str(tmp_path)) in events[publish + 1:]  # the parent, after the rename
+    assert ("fsync", str(tmp_path)) in events[publish + 1 :]  # the parent, after the rename
     manifest_sync = events.index(("fsync", str(tmp_path / tmp_name / "manifest.json")))
     data_sync = next(i for i, (k, p) in enumerate(events) if k == "fsync" and p.endswith("a.bin"))
     assert data_sync < manifest_sync

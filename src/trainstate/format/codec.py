@@ -46,8 +46,11 @@ def format_path(path: Path) -> str:
 
 def is_stateful(value: object) -> bool:
     """Whether ``value`` is a live object saved through ``state_dict()``/``load_state_dict()``."""
-    return (not isinstance(value, (torch.Tensor, dict, type)) and callable(getattr(value, "state_dict", None))
-            and callable(getattr(value, "load_state_dict", None)))
+    return (
+        not isinstance(value, (torch.Tensor, dict, type))
+        and callable(getattr(value, "state_dict", None))
+        and callable(getattr(value, "load_state_dict", None))
+    )
 
 
 class TensorSink(Protocol):
@@ -87,7 +90,9 @@ class Encoder:
 
     def tensor(self, tensor: torch.Tensor, path: Path) -> dict[str, Any]:
         if self.sink is None:
-            raise UnsupportedValueError(f"{self.where}{format_path(path)}: tensors are not allowed here (metadata is JSON only)")
+            raise UnsupportedValueError(
+                f"{self.where}{format_path(path)}: tensors are not allowed here (metadata is JSON only)"
+            )
         return self.sink.add(path, tensor)
 
 
@@ -115,7 +120,9 @@ class Decoder:
         except CheckpointError:
             raise
         except (KeyError, TypeError, ValueError, OverflowError, IndexError, AttributeError) as exc:
-            raise CorruptCheckpointError(f"{self.where}: {format_path(path)}: malformed {tag!r} value ({exc})") from None
+            raise CorruptCheckpointError(
+                f"{self.where}: {format_path(path)}: malformed {tag!r} value ({exc})"
+            ) from None
 
     def tensor(self, node: dict[str, Any], path: Path) -> torch.Tensor:
         if self.source is None:
@@ -135,7 +142,9 @@ class Codec:
 
 def _key(key: Any, path: Path, enc: Encoder) -> Any:
     if isinstance(key, (torch.Tensor, np.ndarray)):
-        raise UnsupportedValueError(f"{enc.where}{format_path(path)}: dict key of type {type(key).__name__} is not supported")
+        raise UnsupportedValueError(
+            f"{enc.where}{format_path(path)}: dict key of type {type(key).__name__} is not supported"
+        )
     return enc.encode(key, path)
 
 
@@ -198,9 +207,13 @@ def _b64(node: dict[str, Any]) -> bytes:
 
 def _encode_tensor(value: torch.Tensor, path: Path, enc: Encoder) -> dict[str, Any]:
     if value.is_sparse or value.layout != torch.strided:
-        raise UnsupportedValueError(f"{enc.where}{format_path(path)}: {value.layout} tensors are not supported; call .to_dense()")
+        raise UnsupportedValueError(
+            f"{enc.where}{format_path(path)}: {value.layout} tensors are not supported; call .to_dense()"
+        )
     if value.is_quantized or value.device.type == "meta":
-        raise UnsupportedValueError(f"{enc.where}{format_path(path)}: {'quantized' if value.is_quantized else 'meta'} tensors cannot be saved")
+        raise UnsupportedValueError(
+            f"{enc.where}{format_path(path)}: {'quantized' if value.is_quantized else 'meta'} tensors cannot be saved"
+        )
     ref = enc.tensor(value, path)
     if isinstance(value, torch.nn.Parameter):
         ref = {**ref, "param": True, "requires_grad": value.requires_grad}
@@ -209,7 +222,9 @@ def _encode_tensor(value: torch.Tensor, path: Path, enc: Encoder) -> dict[str, A
 
 def _encode_ndarray(value: np.ndarray, path: Path, enc: Encoder) -> dict[str, Any]:
     if value.dtype.hasobject or value.dtype.fields is not None or value.dtype.kind not in "biufc":
-        raise UnsupportedValueError(f"{enc.where}{format_path(path)}: numpy arrays of dtype {value.dtype} are not supported")
+        raise UnsupportedValueError(
+            f"{enc.where}{format_path(path)}: numpy arrays of dtype {value.dtype} are not supported"
+        )
     array = np.ascontiguousarray(value)
     node: dict[str, Any] = {"np_dtype": value.dtype.str}
     if not value.dtype.isnative:
@@ -218,7 +233,9 @@ def _encode_ndarray(value: np.ndarray, path: Path, enc: Encoder) -> dict[str, An
     try:
         tensor = torch.from_numpy(array)
     except TypeError:
-        raise UnsupportedValueError(f"{enc.where}{format_path(path)}: numpy dtype {value.dtype} has no torch equivalent") from None
+        raise UnsupportedValueError(
+            f"{enc.where}{format_path(path)}: numpy dtype {value.dtype} has no torch equivalent"
+        ) from None
     return {**enc.tensor(tensor, path), TAG: "ndarray", **node}
 
 
@@ -236,7 +253,9 @@ def _decode_ndarray(node: dict[str, Any], path: Path, dec: Decoder) -> np.ndarra
 
 def _encode_npscalar(value: np.generic, path: Path, enc: Encoder) -> dict[str, Any]:
     if value.dtype.kind not in "biufc":
-        raise UnsupportedValueError(f"{enc.where}{format_path(path)}: numpy scalars of dtype {value.dtype} are not supported")
+        raise UnsupportedValueError(
+            f"{enc.where}{format_path(path)}: numpy scalars of dtype {value.dtype} are not supported"
+        )
     return {TAG: "npscalar", "dtype": value.dtype.str, "v": base64.b64encode(value.tobytes()).decode()}
 
 
@@ -250,7 +269,8 @@ def _decode_npscalar(node: dict[str, Any], path: Path, dec: Decoder) -> np.gener
 def _decode_pickle(node: dict[str, Any], path: Path, dec: Decoder) -> Any:
     if not dec.allow_pickle:
         raise UnsafeCheckpointError(
-            f"{dec.where}: {format_path(path)}: value was saved with pickle; pass allow_pickle=True only if you trust this file"
+            f"{dec.where}: {format_path(path)}: value was saved with pickle; "
+            "pass allow_pickle=True only if you trust this file"
         )
     return pickle.loads(_b64(node))  # noqa: S301 - explicit opt-in above
 
@@ -277,16 +297,32 @@ def _decode_device(node: dict[str, Any], path: Path, dec: Decoder) -> torch.devi
 _CODECS = [
     Codec("dict", (dict, OrderedDict), _encode_dict, _decode_dict),
     Codec("odict", (), _encode_dict, _decode_dict),
-    Codec("tuple", (tuple,), lambda v, p, e: {TAG: "tuple", "v": [e.encode(x, (*p, i)) for i, x in enumerate(v)]},
-          lambda n, p, d: tuple(d.decode(n["v"], p)) if isinstance(n["v"], list) else _malformed()),
-    Codec("list", (list,), lambda v, p, e: [e.encode(x, (*p, i)) for i, x in enumerate(v)], lambda n, p, d: _malformed()),
+    Codec(
+        "tuple",
+        (tuple,),
+        lambda v, p, e: {TAG: "tuple", "v": [e.encode(x, (*p, i)) for i, x in enumerate(v)]},
+        lambda n, p, d: tuple(d.decode(n["v"], p)) if isinstance(n["v"], list) else _malformed(),
+    ),
+    Codec(
+        "list", (list,), lambda v, p, e: [e.encode(x, (*p, i)) for i, x in enumerate(v)], lambda n, p, d: _malformed()
+    ),
     Codec("int", (int,), _encode_int, _decode_big_int),
     Codec("float", (float,), _encode_float, _decode_float),
-    Codec("bytes", (bytes,), lambda v, p, e: {TAG: "bytes", "v": base64.b64encode(v).decode()}, lambda n, p, d: _b64(n)),
-    Codec("size", (torch.Size,), lambda v, p, e: {TAG: "size", "v": list(v)},
-          lambda n, p, d: torch.Size([int(x) for x in n["v"]])),
-    Codec("dtype", (torch.dtype,), lambda v, p, e: {TAG: "dtype", "v": dtype_name(v)},
-          lambda n, p, d: dtype_from_name(n["v"], where=f"{d.where}: {format_path(p)}")),
+    Codec(
+        "bytes", (bytes,), lambda v, p, e: {TAG: "bytes", "v": base64.b64encode(v).decode()}, lambda n, p, d: _b64(n)
+    ),
+    Codec(
+        "size",
+        (torch.Size,),
+        lambda v, p, e: {TAG: "size", "v": list(v)},
+        lambda n, p, d: torch.Size([int(x) for x in n["v"]]),
+    ),
+    Codec(
+        "dtype",
+        (torch.dtype,),
+        lambda v, p, e: {TAG: "dtype", "v": dtype_name(v)},
+        lambda n, p, d: dtype_from_name(n["v"], where=f"{d.where}: {format_path(p)}"),
+    ),
     Codec("device", (torch.device,), lambda v, p, e: {TAG: "device", "v": str(v)}, _decode_device),
     Codec("tensor", (torch.Tensor, torch.nn.Parameter), _encode_tensor, lambda n, p, d: d.tensor(n, p)),
     Codec("ndarray", (np.ndarray,), _encode_ndarray, _decode_ndarray),

@@ -83,7 +83,7 @@ class Manifest:
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise CorruptCheckpointError(f"{where}: manifest is not valid JSON ({exc})") from None
         if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
-            raise CorruptCheckpointError(f"{where}: not a trainstate manifest (no \"format\": \"{FORMAT_NAME}\")")
+            raise CorruptCheckpointError(f'{where}: not a trainstate manifest (no "format": "{FORMAT_NAME}")')
         version = body.get("format_version")
         if type(version) is not int:
             raise CorruptCheckpointError(f"{where}: format_version {version!r} is not an integer")
@@ -99,7 +99,7 @@ class Manifest:
             raise UnsupportedFormatError(f"{where}: unknown hash algorithm {body.get('hash_algorithm')!r}")
         files = body.get("files")
         if not isinstance(files, list):
-            raise CorruptCheckpointError(f"{where}: \"files\" must be a list")
+            raise CorruptCheckpointError(f'{where}: "files" must be a list')
         entries = []
         for item in files:
             if not isinstance(item, dict):

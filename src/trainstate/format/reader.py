@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Union
+from typing import Any, Union
 
 import torch
 
@@ -15,14 +15,21 @@ from trainstate.errors import CheckpointNotFoundError, CorruptCheckpointError
 from trainstate.format.codec import Decoder, Path, format_path
 from trainstate.format.hashing import new_hasher
 from trainstate.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest
-from trainstate.format.tensorfile import HeaderEntry, byte_view, dtype_from_name, read_exact_into, read_header, stored_as
-from trainstate.storage.base import Storage
+from trainstate.format.tensorfile import (
+    HeaderEntry,
+    byte_view,
+    dtype_from_name,
+    read_exact_into,
+    read_header,
+    stored_as,
+)
+from trainstate.storage.base import ReadableFile, Storage
 
 __all__ = ["CheckpointReader", "MapLocation", "TensorLoader", "read_manifest"]
 
 logger = logging.getLogger(__name__)
 
-MapLocation = Union[None, str, torch.device, dict[str, str], Callable[[Any, str], Any]]
+MapLocation = Union[None, str, torch.device, dict[str, str], Callable[[Any, str], Any]]  # noqa: UP007 - runtime alias
 Destinations = Callable[[Path], "torch.Tensor | None"]
 _CHUNK = 16 << 20
 _MAX_READERS = 4
@@ -47,17 +54,21 @@ class CheckpointReader:
     def file(self, name: str, *, where: str) -> FileEntry:
         entry = self._files.get(name) if isinstance(name, str) else None
         if entry is None:
-            raise CorruptCheckpointError(f"{self.where}: {where}: refers to file {name!r} that the manifest does not list")
+            raise CorruptCheckpointError(
+                f"{self.where}: {where}: refers to file {name!r} that the manifest does not list"
+            )
         return entry
 
-    def open_checked(self, entry: FileEntry) -> BinaryIO:
+    def open_checked(self, entry: FileEntry) -> ReadableFile:
         """Open a data file after checking its size against the manifest."""
         path = os.path.join(self.where, entry.name)
         f = self.storage.open(self.name, entry.name)
         actual = os.fstat(f.fileno()).st_size if hasattr(f, "fileno") else self.storage.size(self.name, entry.name)
         if actual != entry.size:
             f.close()
-            raise CorruptCheckpointError(f"{path}: size is {actual} bytes, manifest says {entry.size} (truncated or replaced)")
+            raise CorruptCheckpointError(
+                f"{path}: size is {actual} bytes, manifest says {entry.size} (truncated or replaced)"
+            )
         return f
 
     def verify_file(self, entry: FileEntry) -> None:
@@ -88,7 +99,7 @@ def _available(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _hash_stream(f: BinaryIO, entry: FileEntry, where: str) -> None:
+def _hash_stream(f: ReadableFile, entry: FileEntry, where: str) -> None:
     hasher = new_hasher()
     buffer = bytearray(min(_CHUNK, max(entry.size, 1)))
     view = memoryview(buffer)
@@ -119,8 +130,14 @@ class TensorLoader:
     files are hash-verified before any byte lands in a live tensor.
     """
 
-    def __init__(self, reader: CheckpointReader, *, map_location: MapLocation = None, verify: bool = True,
-                 destinations: Destinations | None = None) -> None:
+    def __init__(
+        self,
+        reader: CheckpointReader,
+        *,
+        map_location: MapLocation = None,
+        verify: bool = True,
+        destinations: Destinations | None = None,
+    ) -> None:
         self._reader = reader
         self._map_location = map_location
         self._verify = verify
@@ -133,25 +150,31 @@ class TensorLoader:
     def _header(self, entry: FileEntry) -> dict[str, HeaderEntry]:
         if entry.name not in self._headers:
             with self._reader.open_checked(entry) as f:
-                _, self._headers[entry.name] = read_header(f, entry.size, where=os.path.join(self._reader.where, entry.name))
+                _, self._headers[entry.name] = read_header(
+                    f, entry.size, where=os.path.join(self._reader.where, entry.name)
+                )
         return self._headers[entry.name]
 
     def get(self, ref: dict[str, Any], path: Path) -> torch.Tensor:
         where = f"key {format_path(path)!r}"
         entry = self._reader.file(ref.get("file"), where=where)  # type: ignore[arg-type]
         key, shape_raw = ref.get("key"), ref.get("shape")
+        if not isinstance(key, str):
+            raise CorruptCheckpointError(f"{self._reader.where}: {where}: invalid tensor key {key!r}")
         dtype = dtype_from_name(ref.get("dtype"), where=f"{self._reader.where}: {where}")
         if not isinstance(shape_raw, list) or not all(type(d) is int and d >= 0 for d in shape_raw):
             raise CorruptCheckpointError(f"{self._reader.where}: {where}: invalid shape {shape_raw!r}")
         shape = tuple(shape_raw)
         header = self._header(entry)
-        stored = header.get(key) if isinstance(key, str) else None
+        stored = header.get(key)
         file_where = os.path.join(self._reader.where, entry.name)
         if stored is None:
             raise CorruptCheckpointError(f"{file_where}: {where}: tensor {key!r} is missing from the file")
         if (stored.st_dtype, stored.shape) != stored_as(dtype, shape):
             raise CorruptCheckpointError(
-                f"{file_where}: {where}: stored as {stored.st_dtype}{list(stored.shape)}, manifest says {dtype}{list(shape)}")
+                f"{file_where}: {where}: stored as {stored.st_dtype}{list(stored.shape)}, "
+                f"manifest says {dtype}{list(shape)}"
+            )
         jobs = self._jobs.setdefault(entry.name, {})
         job = jobs.get(key)
         if job is None:
@@ -159,7 +182,9 @@ class TensorLoader:
         device = self._device_for(ref.get("device", "cpu"), where=where)
         tensor = job.target
         if device is not None and device != tensor.device:
-            tensor = next((t for t in job.finals if t.device == device), None) or torch.empty(shape, dtype=dtype, device=device)
+            tensor = next((t for t in job.finals if t.device == device), None) or torch.empty(
+                shape, dtype=dtype, device=device
+            )
             if all(t is not tensor for t in job.finals):
                 job.finals.append(tensor)
         if ref.get("param"):
@@ -171,9 +196,16 @@ class TensorLoader:
 
     def _new_job(self, stored: HeaderEntry, dtype: torch.dtype, shape: tuple[int, ...], path: Path) -> _Job:
         dest = self._destinations(path) if self._destinations else None
-        if (isinstance(dest, torch.Tensor) and dest.dtype == dtype and tuple(dest.shape) == shape
-                and dest.device.type == "cpu" and dest.is_contiguous() and id(dest) not in self._used_destinations
-                and not dest.is_conj() and not dest.is_neg()):
+        if (
+            isinstance(dest, torch.Tensor)
+            and dest.dtype == dtype
+            and tuple(dest.shape) == shape
+            and dest.device.type == "cpu"
+            and dest.is_contiguous()
+            and id(dest) not in self._used_destinations
+            and not dest.is_conj()
+            and not dest.is_neg()
+        ):
             self._used_destinations.add(id(dest))
             return _Job(stored, dest.detach(), in_place=True)
         return _Job(stored, torch.empty(shape, dtype=dtype), in_place=False)
@@ -203,7 +235,9 @@ class TensorLoader:
             return device
         if saved not in self._warned_devices:
             self._warned_devices.add(saved)
-            logger.warning("%s: tensors saved on %s are loaded on cpu (device not available here)", self._reader.where, saved)
+            logger.warning(
+                "%s: tensors saved on %s are loaded on cpu (device not available here)", self._reader.where, saved
+            )
         return None
 
     def fill(self) -> None:
@@ -262,4 +296,3 @@ class TensorLoader:
 def read_manifest(storage: Storage, name: str) -> Manifest:
     """The validated manifest of checkpoint ``name``."""
     return CheckpointReader(storage, name).manifest
-

@@ -13,12 +13,13 @@ import json
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import cast
 
 import torch
 
 from trainstate.errors import CorruptCheckpointError
 from trainstate.format.hashing import Hasher
+from trainstate.storage.base import ReadableFile
 
 __all__ = [
     "HeaderEntry",
@@ -56,9 +57,26 @@ _SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
     torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
 }
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-             "BOOL": 1, "C64": 8, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
-             "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1}
+_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "C64": 8,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
+}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -76,7 +94,8 @@ def dtype_from_name(name: object, *, where: str) -> torch.dtype:
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without copying."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    array = tensor.reshape(-1).view(torch.uint8).numpy()
+    return memoryview(cast(bytes, array)).cast("B")  # numpy arrays are buffers; the stubs disagree
 
 
 @dataclass(frozen=True)
@@ -106,7 +125,9 @@ def _host_bytes(tensor: torch.Tensor) -> memoryview:
     return byte_view(tensor.detach().resolve_conj().resolve_neg())
 
 
-def encode_file(items: Sequence[tuple[str, torch.Tensor]], hasher: Hasher) -> tuple[list[TensorRecord], Iterator[memoryview]]:
+def encode_file(
+    items: Sequence[tuple[str, torch.Tensor]], hasher: Hasher
+) -> tuple[list[TensorRecord], Iterator[memoryview]]:
     """Lay out one safetensors file; returns the records and the chunks to write, hashed on the way.
 
     Tensors are ordered by item size (largest first) so every offset stays naturally aligned while
@@ -118,7 +139,11 @@ def encode_file(items: Sequence[tuple[str, torch.Tensor]], hasher: Hasher) -> tu
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for rec in records:
-        header[rec.key] = {"dtype": rec.st_dtype, "shape": list(rec.st_shape), "data_offsets": [offset, offset + rec.nbytes]}
+        header[rec.key] = {
+            "dtype": rec.st_dtype,
+            "shape": list(rec.st_shape),
+            "data_offsets": [offset, offset + rec.nbytes],
+        }
         offset += rec.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(len(text) + 8) % _ALIGN)
@@ -158,7 +183,7 @@ class HeaderEntry:
     end: int
 
 
-def read_exact_into(f: BinaryIO, view: memoryview, *, where: str) -> None:
+def read_exact_into(f: ReadableFile, view: memoryview, *, where: str) -> None:
     """Fill ``view`` from ``f``; a short read means the file was truncated under us."""
     got = 0
     while got < len(view):
@@ -168,7 +193,7 @@ def read_exact_into(f: BinaryIO, view: memoryview, *, where: str) -> None:
         got += n
 
 
-def read_header(f: BinaryIO, file_size: int, *, where: str) -> tuple[bytes, dict[str, HeaderEntry]]:
+def read_header(f: ReadableFile, file_size: int, *, where: str) -> tuple[bytes, dict[str, HeaderEntry]]:
     """Read and fully validate a safetensors header; returns its raw bytes and the entries."""
     if file_size < 8:
         raise CorruptCheckpointError(f"{where}: {file_size} bytes is too small for a safetensors file")
@@ -195,11 +220,13 @@ def read_header(f: BinaryIO, file_size: int, *, where: str) -> tuple[bytes, dict
     cursor = base
     for key, entry in sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].end)):
         if entry.start != cursor:
-            raise CorruptCheckpointError(f"{where}: tensor {key!r} starts at {entry.start - base}, expected {cursor - base} (gap or overlap)")
+            raise CorruptCheckpointError(
+                f"{where}: tensor {key!r} starts at {entry.start - base}, expected {cursor - base} (gap or overlap)"
+            )
         cursor = entry.end
     if cursor != file_size:
         raise CorruptCheckpointError(f"{where}: tensor data ends at {cursor} but the file has {file_size} bytes")
-    return prefix + raw, entries
+    return bytes(prefix + raw), entries
 
 
 def _parse_entry(spec: object, base: int, data_len: int, *, where: str) -> HeaderEntry:
@@ -210,14 +237,23 @@ def _parse_entry(spec: object, base: int, data_len: int, *, where: str) -> Heade
         raise CorruptCheckpointError(f"{where}: unsupported dtype {st_dtype!r}")
     if not isinstance(shape, list) or len(shape) > 64 or not all(type(d) is int and d >= 0 for d in shape):
         raise CorruptCheckpointError(f"{where}: invalid shape {shape!r}")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= data_len):
-        raise CorruptCheckpointError(f"{where}: data_offsets {offsets!r} out of range (data region is {data_len} bytes)")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_len
+    ):
+        raise CorruptCheckpointError(
+            f"{where}: data_offsets {offsets!r} out of range (data region is {data_len} bytes)"
+        )
     numel = 1
     for dim in shape:
         numel *= dim
     if numel * _ITEMSIZE[st_dtype] != offsets[1] - offsets[0]:
-        raise CorruptCheckpointError(f"{where}: shape {shape} of {st_dtype} needs {numel * _ITEMSIZE[st_dtype]} bytes, offsets give {offsets[1] - offsets[0]}")
+        raise CorruptCheckpointError(
+            f"{where}: shape {shape} of {st_dtype} needs {numel * _ITEMSIZE[st_dtype]} bytes, "
+            f"offsets give {offsets[1] - offsets[0]}"
+        )
     return HeaderEntry(st_dtype, tuple(shape), base + offsets[0], base + offsets[1])
 
 

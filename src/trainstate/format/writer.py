@@ -55,8 +55,14 @@ class _ShardPlanner:
     def add(self, path: Path, tensor: torch.Tensor) -> dict[str, Any]:
         alias = None
         if tensor.numel() > 0:
-            alias = (tensor.untyped_storage().data_ptr(), tensor.device, tensor.storage_offset(),
-                     tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+            alias = (
+                tensor.untyped_storage().data_ptr(),
+                tensor.device,
+                tensor.storage_offset(),
+                tuple(tensor.shape),
+                tuple(tensor.stride()),
+                tensor.dtype,
+            )
             if alias in self._aliases:
                 return self._aliases[alias]
         key = format_path(path)
@@ -69,8 +75,14 @@ class _ShardPlanner:
             self._fill = 0
         self.shards[-1].append((key, tensor))
         self._fill += nbytes
-        ref = {TAG: "tensor", "file": _FILE_PATTERN.format(len(self.shards) - 1), "key": key,
-               "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "device": str(tensor.device)}
+        ref = {
+            TAG: "tensor",
+            "file": _FILE_PATTERN.format(len(self.shards) - 1),
+            "key": key,
+            "dtype": dtype_name(tensor.dtype),
+            "shape": list(tensor.shape),
+            "device": str(tensor.device),
+        }
         if alias is not None:
             self._aliases[alias] = ref
         return ref

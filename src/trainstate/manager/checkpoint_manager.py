@@ -189,8 +189,9 @@ class CheckpointManager:
         return None
 
     # ------------------------------------------------------------------- save
-    def save(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None = None, *,
-             force: bool = True) -> bool:
+    def save(
+        self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None = None, *, force: bool = True
+    ) -> bool:
         """Checkpoint ``state`` as ``step``; returns whether a checkpoint was taken.
 
         With ``force=False`` it saves only when a trigger fires (``every_n_steps``,
@@ -206,8 +207,10 @@ class CheckpointManager:
         self.wait()
         newest = max(s for s in (self.latest_step(), self._requested_step, -1) if s is not None)
         if step < newest:
-            raise ValueError(f"{self.directory}: step {step} is older than the latest checkpoint (step {newest}); "
-                             "steps must increase (restore() first, or use a new directory)")
+            raise ValueError(
+                f"{self.directory}: step {step} is older than the latest checkpoint (step {newest}); "
+                "steps must increase (restore() first, or use a new directory)"
+            )
         if step == newest:
             logger.warning("%s: step %d is already checkpointed; not saving it again", self.directory, step)
             return False
@@ -231,8 +234,12 @@ class CheckpointManager:
             self.wait()
         if preempted:
             self._preempted_save_done = True
-            logger.warning("%s: saved step %d after %s; should_stop is now True", self.directory, step,
-                           self._preemption.received.name if self._preemption and self._preemption.received else "signal")
+            logger.warning(
+                "%s: saved step %d after %s; should_stop is now True",
+                self.directory,
+                step,
+                self._preemption.received.name if self._preemption and self._preemption.received else "signal",
+            )
         return True
 
     def _write(self, step: int, state: Mapping[str, Any], metadata: dict[str, Any], env: dict[str, Any]) -> None:
@@ -257,8 +264,14 @@ class CheckpointManager:
                 raise
 
     # ---------------------------------------------------------------- restore
-    def restore(self, state: Mapping[str, Any], step: int | None = None, *, map_location: MapLocation = None,
-                strict: bool = True) -> int | None:
+    def restore(
+        self,
+        state: Mapping[str, Any],
+        step: int | None = None,
+        *,
+        map_location: MapLocation = None,
+        strict: bool = True,
+    ) -> int | None:
         """Restore ``state`` in place from the newest checkpoint that verifies (or from ``step``).
 
         Checkpoints that fail verification are skipped with a warning naming each; an error about
@@ -307,7 +320,9 @@ class CheckpointManager:
     def __enter__(self) -> CheckpointManager:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -355,11 +370,17 @@ class CheckpointManager:
             except (TypeError, ValueError):
                 raise ValueError(f"metric {key!r}: {value!r} is not a number") from None
         if self.monitor is not None and self.monitor not in clean:
-            raise ValueError(f"metrics {sorted(clean)} do not include the monitored metric {self.monitor!r}; "
-                             "pass it, or save with metrics=None for a checkpoint that is never 'best'")
+            raise ValueError(
+                f"metrics {sorted(clean)} do not include the monitored metric {self.monitor!r}; "
+                "pass it, or save with metrics=None for a checkpoint that is never 'best'"
+            )
         if self.monitor is not None and not math.isfinite(clean[self.monitor]):
-            logger.warning("%s: %s=%s is not finite; this checkpoint can never be best", self.directory, self.monitor,
-                           clean[self.monitor])
+            logger.warning(
+                "%s: %s=%s is not finite; this checkpoint can never be best",
+                self.directory,
+                self.monitor,
+                clean[self.monitor],
+            )
         return clean
 
     def _compare_environment(self, reader: CheckpointReader, state: Mapping[str, Any]) -> None:
@@ -375,9 +396,16 @@ def _loader_workers(state: Mapping[str, Any]) -> dict[str, int]:
     return {str(k): int(v.num_workers) for k, v in state.items() if isinstance(getattr(v, "num_workers", None), int)}
 
 
-def _check_options(keep_last: int | None, keep_best: int | None, monitor: str | None, mode: str,
-                   keep_every: int | None, every_n_steps: int | None, every_n_seconds: float | None,
-                   early_stopping: EarlyStopping | None) -> None:
+def _check_options(
+    keep_last: int | None,
+    keep_best: int | None,
+    monitor: str | None,
+    mode: str,
+    keep_every: int | None,
+    every_n_steps: int | None,
+    every_n_seconds: float | None,
+    early_stopping: EarlyStopping | None,
+) -> None:
     if mode not in ("min", "max"):
         raise ValueError(f"mode={mode!r}: use 'min' (smaller {monitor or 'metric'} is better) or 'max'")
     for name, value in [("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every)]:
@@ -390,8 +418,10 @@ def _check_options(keep_last: int | None, keep_best: int | None, monitor: str | 
     if early_stopping is not None and monitor is None:
         raise ValueError("early_stopping needs monitor='<metric name>'")
     if keep_last == 0 and not keep_best and not keep_every:
-        raise ValueError("keep_last=0 with no keep_best/keep_every would keep only the newest checkpoint; "
-                         "use keep_last=1 for that, or keep_last=None to keep all")
+        raise ValueError(
+            "keep_last=0 with no keep_best/keep_every would keep only the newest checkpoint; "
+            "use keep_last=1 for that, or keep_last=None to keep all"
+        )
     if every_n_steps is not None and (type(every_n_steps) is not int or every_n_steps <= 0):
         raise ValueError(f"every_n_steps={every_n_steps!r}: must be a positive int or None")
     if every_n_seconds is not None and not every_n_seconds > 0:

@@ -42,7 +42,7 @@ class KeepLast:
     n: int
 
     def keep(self, infos: Sequence[CheckpointInfo]) -> set[int]:
-        return {i.step for i in sorted(infos, key=lambda i: i.step)[-self.n:]} if self.n > 0 else set()
+        return {i.step for i in sorted(infos, key=lambda i: i.step)[-self.n :]} if self.n > 0 else set()
 
 
 @dataclass(frozen=True)

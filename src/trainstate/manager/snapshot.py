@@ -34,8 +34,14 @@ def capture(state: Mapping[str, Any]) -> dict[str, Any]:
     copies: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def copy_tensor(tensor: torch.Tensor) -> torch.Tensor:
-        key = (tensor.untyped_storage().data_ptr(), tensor.device, tensor.storage_offset(), tuple(tensor.shape),
-               tuple(tensor.stride()), tensor.dtype)
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.device,
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+        )
         if tensor.numel() == 0 or key not in copies:
             clone = tensor.detach().to("cpu", copy=True)
             if isinstance(tensor, torch.nn.Parameter):

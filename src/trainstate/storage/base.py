@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import builtins
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import BinaryIO
+from types import TracebackType
+from typing import Protocol
 
 from trainstate.errors import CorruptCheckpointError
 
-__all__ = ["PendingCheckpoint", "Storage", "check_name"]
+__all__ = ["PendingCheckpoint", "ReadableFile", "Storage", "check_name"]
+
+Buffer = bytes | bytearray | memoryview
+
+
+class ReadableFile(Protocol):
+    """What readers need from an opened checkpoint file (a raw local file, or an fsspec file)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> ReadableFile: ...
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
 
 # A checkpoint or file name is one plain path component: no separators, no "..", no NUL,
 # nothing hidden. Anything else in a manifest is hostile or corrupt.
@@ -27,7 +50,7 @@ class PendingCheckpoint(ABC):
     """A checkpoint being written: files go in with `write`, then `commit` publishes all or nothing."""
 
     @abstractmethod
-    def write(self, filename: str, chunks: Iterable[memoryview | bytes]) -> int:
+    def write(self, filename: str, chunks: Iterable[Buffer]) -> int:
         """Write one file from ``chunks`` and make it durable; returns its size.
 
         The file is invisible to readers until `commit`. Different files may be written from
@@ -55,7 +78,7 @@ class Storage(ABC):
         atomically at commit; without, commit raises CheckpointExistsError."""
 
     @abstractmethod
-    def open(self, name: str, filename: str) -> BinaryIO:
+    def open(self, name: str, filename: str) -> ReadableFile:
         """Open a committed file for reading. Raises CheckpointNotFoundError if it is missing."""
 
     @abstractmethod
@@ -67,7 +90,7 @@ class Storage(ABC):
         """Whether checkpoint ``name`` (or one of its files) exists. Never raises for a missing path."""
 
     @abstractmethod
-    def list(self) -> list[str]:
+    def list(self) -> builtins.list[str]:
         """Names of the entries in the root, excluding in-progress temporaries. Missing root: []."""
 
     @abstractmethod
@@ -76,7 +99,7 @@ class Storage(ABC):
         A missing checkpoint is not an error."""
 
     @abstractmethod
-    def cleanup(self) -> list[str]:
+    def cleanup(self) -> builtins.list[str]:
         """Remove leftovers of writers that died mid-save; returns what was removed.
         Only call while holding the writer lock."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import errno
 import fcntl
@@ -12,7 +13,7 @@ import stat
 import time
 import uuid
 from collections.abc import Iterable
-from typing import BinaryIO
+from typing import cast
 
 from trainstate.errors import (
     CheckpointExistsError,
@@ -21,7 +22,7 @@ from trainstate.errors import (
     CheckpointWriteError,
     CorruptCheckpointError,
 )
-from trainstate.storage.base import PendingCheckpoint, Storage, check_name
+from trainstate.storage.base import Buffer, PendingCheckpoint, ReadableFile, Storage, check_name
 
 __all__ = ["LocalStorage", "TEMP_PREFIX"]
 
@@ -82,7 +83,7 @@ class _LocalPending(PendingCheckpoint):
         except OSError as exc:
             raise _write_error("creating the temporary directory", self._tmp, exc) from exc
 
-    def write(self, filename: str, chunks: Iterable[memoryview | bytes]) -> int:
+    def write(self, filename: str, chunks: Iterable[Buffer]) -> int:
         path = os.path.join(self._tmp, check_name(filename, where=self._final))
         step = "opening"
         try:
@@ -171,7 +172,7 @@ class LocalStorage(Storage):
         self._ensure_root()
         return _LocalPending(self, name, overwrite)
 
-    def open(self, name: str, filename: str) -> BinaryIO:
+    def open(self, name: str, filename: str) -> ReadableFile:
         path = self._path(name, filename)
         try:
             # O_NOFOLLOW: a symlink planted in a checkpoint must not make us read outside it.
@@ -185,7 +186,7 @@ class LocalStorage(Storage):
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise CorruptCheckpointError(f"{path}: is not a regular file")
-        return os.fdopen(fd, "rb", buffering=0)
+        return cast(ReadableFile, os.fdopen(fd, "rb", buffering=0))
 
     def size(self, name: str, filename: str) -> int:
         path = self._path(name, filename)
@@ -200,7 +201,7 @@ class LocalStorage(Storage):
         except Exception:
             return False
 
-    def list(self) -> list[str]:
+    def list(self) -> builtins.list[str]:
         try:
             entries = os.listdir(self.root)
         except (FileNotFoundError, NotADirectoryError):
@@ -220,7 +221,7 @@ class LocalStorage(Storage):
             raise _write_error("deleting", path, exc) from exc
         _remove(trash)
 
-    def cleanup(self) -> list[str]:
+    def cleanup(self) -> builtins.list[str]:
         try:
             entries = os.listdir(self.root)
         except OSError:
@@ -231,8 +232,13 @@ class LocalStorage(Storage):
                 _remove(os.path.join(self.root, entry))
                 removed.append(entry)
         if removed:
-            logger.info("removed %d leftover temporary entr%s in %s: %s", len(removed),
-                        "y" if len(removed) == 1 else "ies", self.root, ", ".join(sorted(removed)))
+            logger.info(
+                "removed %d leftover temporary entr%s in %s: %s",
+                len(removed),
+                "y" if len(removed) == 1 else "ies",
+                self.root,
+                ", ".join(sorted(removed)),
+            )
         return removed
 
     def lock(self, *, timeout: float = 0.0) -> None:
