@@ -133,14 +133,15 @@ def load(
         {'w': tensor([1., 1.]), 'step': 7}
     """
     storage, name = split_path(path)
-    return restore(
-        CheckpointReader(storage, name),
-        state,
-        map_location=map_location,
-        strict=strict,
-        verify=verify,
-        allow_pickle=allow_pickle,
-    )
+    with CheckpointReader(storage, name) as reader:
+        return restore(
+            reader,
+            state,
+            map_location=map_location,
+            strict=strict,
+            verify=verify,
+            allow_pickle=allow_pickle,
+        )
 
 
 def restore(

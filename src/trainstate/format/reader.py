@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ class CheckpointReader:
         self.storage = storage
         self.name = name
         self.where = os.path.join(storage.root, name)
+        self._handles: dict[str, ReadableFile] | None = None
+        self._handles_lock = threading.Lock()
         if not storage.exists(name):
             raise CheckpointNotFoundError(f"{self.where}: no such checkpoint")
         if not storage.exists(name, MANIFEST_NAME):
@@ -60,23 +63,57 @@ class CheckpointReader:
         return entry
 
     def open_checked(self, entry: FileEntry) -> ReadableFile:
-        """Open a data file after checking its size against the manifest."""
-        path = os.path.join(self.where, entry.name)
+        """The open handle of a data file, its size checked against the manifest; owned by the reader.
+
+        The first call opens *every* data file at once and keeps them open until `close`, so a
+        checkpoint deleted by retention while it is being read stays readable through its handles.
+        """
+        with self._handles_lock:
+            if self._handles is None:
+                handles: dict[str, ReadableFile] = {}
+                try:
+                    for item in self.manifest.files:
+                        handles[item.name] = self._open_sized(item)
+                except BaseException:
+                    for handle in handles.values():
+                        handle.close()
+                    raise
+                self._handles = handles
+        f = self._handles[entry.name]
+        f.seek(0)
+        return f
+
+    def _open_sized(self, entry: FileEntry) -> ReadableFile:
         f = self.storage.open(self.name, entry.name)
-        actual = os.fstat(f.fileno()).st_size if hasattr(f, "fileno") else self.storage.size(self.name, entry.name)
+        fileno = getattr(f, "fileno", None)
+        actual = os.fstat(fileno()).st_size if fileno else self.storage.size(self.name, entry.name)
         if actual != entry.size:
             f.close()
             raise CorruptCheckpointError(
-                f"{path}: size is {actual} bytes, manifest says {entry.size} (truncated or replaced)"
+                f"{os.path.join(self.where, entry.name)}: size is {actual} bytes, "
+                f"manifest says {entry.size} (truncated or replaced)"
             )
         return f
 
+    def close(self) -> None:
+        """Close the data files opened by reads. The reader can still answer manifest questions."""
+        with self._handles_lock:
+            handles, self._handles = self._handles or {}, None
+        for handle in handles.values():
+            handle.close()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def verify_file(self, entry: FileEntry) -> None:
         """Check size, safetensors header and content hash of one file."""
-        with self.open_checked(entry) as f:
-            read_header(f, entry.size, where=os.path.join(self.where, entry.name))
-            f.seek(0)
-            _hash_stream(f, entry, os.path.join(self.where, entry.name))
+        f = self.open_checked(entry)
+        read_header(f, entry.size, where=os.path.join(self.where, entry.name))
+        f.seek(0)
+        _hash_stream(f, entry, os.path.join(self.where, entry.name))
 
     def verify(self) -> None:
         """Check every file of the checkpoint; raises CorruptCheckpointError naming the first bad one."""
@@ -149,10 +186,10 @@ class TensorLoader:
 
     def _header(self, entry: FileEntry) -> dict[str, HeaderEntry]:
         if entry.name not in self._headers:
-            with self._reader.open_checked(entry) as f:
-                _, self._headers[entry.name] = read_header(
-                    f, entry.size, where=os.path.join(self._reader.where, entry.name)
-                )
+            f = self._reader.open_checked(entry)
+            _, self._headers[entry.name] = read_header(
+                f, entry.size, where=os.path.join(self._reader.where, entry.name)
+            )
         return self._headers[entry.name]
 
     def get(self, ref: dict[str, Any], path: Path) -> torch.Tensor:
@@ -271,23 +308,23 @@ class TensorLoader:
         covered = sum(j.entry.end - j.entry.start for j in jobs)
         header_len = jobs[0].entry.start if jobs else 0
         stream_hash = verify and jobs and header_len + covered == entry.size
-        with self._reader.open_checked(entry) as f:
-            if verify and not stream_hash:
-                _hash_stream(f, entry, where)
-            f.seek(0)
-            hasher = new_hasher() if stream_hash else None
+        f = self._reader.open_checked(entry)
+        if verify and not stream_hash:
+            _hash_stream(f, entry, where)
+        f.seek(0)
+        hasher = new_hasher() if stream_hash else None
+        if hasher is not None:
+            head = bytearray(header_len)
+            read_exact_into(f, memoryview(head), where=where)
+            hasher.update(head)
+        for job in jobs:
+            f.seek(job.entry.start)
+            view = byte_view(job.target)
+            read_exact_into(f, view, where=where)
             if hasher is not None:
-                head = bytearray(header_len)
-                read_exact_into(f, memoryview(head), where=where)
-                hasher.update(head)
-            for job in jobs:
-                f.seek(job.entry.start)
-                view = byte_view(job.target)
-                read_exact_into(f, view, where=where)
-                if hasher is not None:
-                    hasher.update(view)
-            if hasher is not None and hasher.hexdigest() != entry.hash:
-                raise CorruptCheckpointError(f"{where}: content hash mismatch (the file is damaged or was modified)")
+                hasher.update(view)
+        if hasher is not None and hasher.hexdigest() != entry.hash:
+            raise CorruptCheckpointError(f"{where}: content hash mismatch (the file is damaged or was modified)")
         for job in jobs:
             for final in job.finals:
                 final.copy_(job.target)

@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 _NAME = "step_{:08d}"
 _NAME_RE = re.compile(r"step_(\d{8,})")
-_SKIPPABLE = (CorruptCheckpointError, CheckpointNotFoundError, UnsupportedFormatError)
+_SKIPPABLE = (CorruptCheckpointError, UnsupportedFormatError)
+_MAX_RESCANS = 5
 
 
 @dataclass(frozen=True)
@@ -280,27 +281,35 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
-        self._scan()
-        for name in self._broken:
-            logger.warning("%s: skipping %s: %s", self.directory, name, "no valid committed manifest")
-        candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
-        for candidate in candidates:
-            try:
-                reader = CheckpointReader(self._storage, _NAME.format(candidate))
-                reader.verify()
-                self._compare_environment(reader, state)
-                restore_checkpoint(reader, state, map_location=map_location, strict=strict, verify=False)
-            except _SKIPPABLE as exc:
-                if step is not None:
-                    raise
-                logger.warning("%s: skipping step %d: %s", self.directory, candidate, exc)
-                continue
-            metadata = reader.metadata() or {}
-            if self.early_stopping is not None and isinstance(metadata.get("early_stopping"), dict):
-                self.early_stopping.load_state_dict(metadata["early_stopping"])
-            self._last_save_time = time.monotonic()
-            return candidate
+        if step is not None:
+            return self._restore_step(step, state, map_location=map_location, strict=strict)
+        for _ in range(_MAX_RESCANS):
+            self._scan()
+            for name in self._broken:
+                logger.warning("%s: skipping %s: no valid committed manifest", self.directory, name)
+            vanished = False
+            for candidate in reversed(self.steps()):
+                try:
+                    return self._restore_step(candidate, state, map_location=map_location, strict=strict)
+                except CheckpointNotFoundError as exc:
+                    vanished = True  # e.g. removed by a concurrent writer's retention: look again
+                    logger.warning("%s: skipping step %d: %s", self.directory, candidate, exc)
+                except _SKIPPABLE as exc:
+                    logger.warning("%s: skipping step %d: %s", self.directory, candidate, exc)
+            if not vanished:
+                break
         return None
+
+    def _restore_step(self, step: int, state: Mapping[str, Any], *, map_location: MapLocation, strict: bool) -> int:
+        with CheckpointReader(self._storage, _NAME.format(step)) as reader:
+            reader.verify()
+            self._compare_environment(reader, state)
+            restore_checkpoint(reader, state, map_location=map_location, strict=strict, verify=False)
+            metadata = reader.metadata() or {}
+        if self.early_stopping is not None and isinstance(metadata.get("early_stopping"), dict):
+            self.early_stopping.load_state_dict(metadata["early_stopping"])
+        self._last_save_time = time.monotonic()
+        return step
 
     # -------------------------------------------------------------- lifecycle
     def close(self) -> None:
