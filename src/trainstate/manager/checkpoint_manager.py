@@ -9,7 +9,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -275,9 +275,11 @@ class CheckpointManager:
     ) -> int | None:
         """Restore ``state`` in place from the newest checkpoint that verifies (or from ``step``).
 
-        Checkpoints that fail verification are skipped with a warning naming each; an error about
-        the state itself (a key, shape or device that does not fit) is raised, never skipped.
-        Returns the restored step, or None when there is nothing to restore.
+        Live objects are restored in place; plain entries of ``state`` (an epoch counter, a tensor)
+        are replaced by their saved values in the mapping itself. Checkpoints that fail verification
+        are skipped with a warning naming each; an error about the state itself (a key, shape or
+        device that does not fit) is raised, never skipped. Returns the restored step, or None when
+        there is nothing to restore.
         """
         self._check_open()
         self.wait()
@@ -304,8 +306,12 @@ class CheckpointManager:
         with CheckpointReader(self._storage, _NAME.format(step)) as reader:
             reader.verify()
             self._compare_environment(reader, state)
-            restore_checkpoint(reader, state, map_location=map_location, strict=strict, verify=False)
+            loaded = restore_checkpoint(reader, state, map_location=map_location, strict=strict, verify=False)
             metadata = reader.metadata() or {}
+        if isinstance(state, MutableMapping):
+            for key, value in loaded.items():
+                if key in state and state[key] is not value:
+                    state[key] = value  # plain values (epoch, tensors...) come back through the mapping
         if self.early_stopping is not None and isinstance(metadata.get("early_stopping"), dict):
             self.early_stopping.load_state_dict(metadata["early_stopping"])
         self._last_save_time = time.monotonic()
