@@ -244,12 +244,17 @@ class CheckpointManager:
         return True
 
     def _write(self, step: int, state: Mapping[str, Any], metadata: dict[str, Any], env: dict[str, Any]) -> None:
+        self._storage.cleanup()  # leftovers of failed saves never accumulate (we hold the lock)
         save_to(self._storage, _NAME.format(step), state, metadata=metadata, environment=env)
         with self._index_lock:
             self._index[step] = CheckpointInfo(step, metadata["metrics"])
             doomed = self._retention.to_delete(list(self._index.values()))
         for old in doomed:
-            self._storage.delete(_NAME.format(old))
+            try:
+                self._storage.delete(_NAME.format(old))
+            except CheckpointError as exc:  # the save itself succeeded; retention retries next time
+                logger.warning("%s: retention could not remove step %d: %s", self.directory, old, exc)
+                continue
             with self._index_lock:
                 self._index.pop(old, None)
             logger.info("%s: removed step %d (retention)", self.directory, old)
@@ -353,6 +358,7 @@ class CheckpointManager:
             self._storage.lock(timeout=self._lock_timeout)
             self._locked = True
             self._storage.cleanup()
+            self._scan()  # another writer may have committed while we were not holding the lock
 
     def _scan(self) -> None:
         """Rebuild the index from the committed manifests on disk."""

@@ -43,9 +43,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_error(what: str, path: str, exc: OSError) -> CheckpointWriteError:
+def _write_error(what: str, path: str, exc: OSError, outcome: str = "nothing was committed") -> CheckpointWriteError:
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    err = CheckpointWriteError(f"{path}: {what} failed: {reason}; nothing was committed")
+    err = CheckpointWriteError(f"{path}: {what} failed: {reason}; {outcome}")
     err.errno = exc.errno
     return err
 
@@ -127,11 +127,23 @@ class _LocalPending(PendingCheckpoint):
             else:
                 os.rename(self._tmp, self._final)
             step = "fsync of the parent directory"
-            _fsync_dir(self._storage.root)
+            try:
+                _fsync_dir(self._storage.root)
+            except OSError:
+                self._unpublish()
+                raise
         except OSError as exc:
             if isinstance(exc, CheckpointExistsError):
                 raise
             raise _write_error(step, self._final, exc) from exc
+
+    def _unpublish(self) -> None:
+        """After a failed parent fsync the rename may not be durable: take the checkpoint back down,
+        so that a failed save never leaves a checkpoint that could vanish at the next power loss."""
+        try:
+            os.rename(self._final, self._tmp)
+        except OSError:
+            logger.error("%s: could not withdraw the checkpoint after a failed fsync", self._final)
 
     def abort(self) -> None:
         _remove(self._tmp)
@@ -216,9 +228,12 @@ class LocalStorage(Storage):
         trash = os.path.join(self.root, f"{TEMP_PREFIX}deleted-{name}-{uuid.uuid4().hex[:12]}")
         try:
             os.rename(path, trash)
-            _fsync_dir(self.root)
         except OSError as exc:
-            raise _write_error("deleting", path, exc) from exc
+            raise _write_error("deleting", path, exc, outcome="the checkpoint was not removed") from exc
+        try:
+            _fsync_dir(self.root)
+        except OSError as exc:  # at worst a complete, valid checkpoint reappears after a power loss
+            logger.warning("%s: fsync after removing %s failed: %s", self.root, name, exc)
         _remove(trash)
 
     def cleanup(self) -> builtins.list[str]:
