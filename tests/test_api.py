@@ -311,3 +311,16 @@ def test_many_shards_are_written_and_read(tmp_path, make_mlp):
     trainstate.save(tmp_path / "c", state, shard_bytes=8000)
     assert len(list((tmp_path / "c").glob("tensors-*.safetensors"))) >= 5
     assert_same(trainstate.load(tmp_path / "c"), state)
+
+
+def test_empty_first_tensor_and_files_split_per_top_level_entry(tmp_path, make_mlp):
+    trainstate.save(tmp_path / "e", {"e": torch.empty(0), "x": torch.ones(3)}, shard_bytes=4)
+    assert_same(trainstate.load(tmp_path / "e"), {"e": torch.empty(0), "x": torch.ones(3)})
+    model = torch.nn.Linear(512, 512)
+    optimizer = torch.optim.AdamW(model.parameters())
+    train_step(model, optimizer, torch.randn(2, 512))
+    trainstate.save(tmp_path / "c", {"model": model, "optimizer": optimizer})
+    tensors = {}
+    for path in sorted((tmp_path / "c").glob("*.safetensors")):
+        tensors[path.name] = set(safetensors.torch.load_file(path))
+    assert list(tensors.values())[0] == {"model.weight", "model.bias"}  # the model's file holds only the model

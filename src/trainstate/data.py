@@ -70,15 +70,22 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.consumed = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "shuffle": self.shuffle,
-                "length": self.length}
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "length": self.length,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the position; raises StateMismatchError if the dataset size or order settings differ."""
         for key in ("length", "seed", "shuffle"):
             if state[key] != getattr(self, key):
-                raise StateMismatchError(f"sampler.{key}: {state[key]!r} in the checkpoint, {getattr(self, key)!r} here; "
-                                         "the resumed run would see different data")
+                raise StateMismatchError(
+                    f"sampler.{key}: {state[key]!r} in the checkpoint, {getattr(self, key)!r} here; "
+                    "the resumed run would see different data"
+                )
         if not 0 <= state["consumed"] <= self.length:
             raise StateMismatchError(f"sampler.consumed: {state['consumed']} is outside the dataset of {self.length}")
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])

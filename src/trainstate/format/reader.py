@@ -280,16 +280,20 @@ class TensorLoader:
     def fill(self) -> None:
         """Read (and verify) every allocated tensor. Raises CorruptCheckpointError on any mismatch.
 
-        When bytes go straight into live tensors, every file is verified before the first byte lands,
-        so a damaged checkpoint never leaves a live object half-restored.
+        When bytes go straight into live tensors, every file is verified before the first byte lands
+        in one, so a damaged checkpoint never leaves a live object half-restored. Files holding only
+        freshly allocated tensors are hashed while they are read (one pass); files with live targets
+        are hashed first and read after everything else verified (two passes, from the page cache).
         """
         names = [e.name for e in self._reader.manifest.files if e.name in self._jobs or self._verify]
-        in_place = any(job.in_place for jobs in self._jobs.values() for job in jobs.values())
-        if self._verify and in_place:
-            self._each(names, lambda name: self._reader.verify_file(self._reader.file(name, where="file list")))
+        if not self._verify:
             self._each(names, lambda name: self._fill_file(name, verify=False))
-        else:
-            self._each(names, lambda name: self._fill_file(name, verify=self._verify))
+            return
+        live = [n for n in names if any(job.in_place for job in self._jobs.get(n, {}).values())]
+        fresh = [n for n in names if n not in live]
+        self._each(live, lambda name: self._reader.verify_file(self._reader.file(name, where="file list")))
+        self._each(fresh, lambda name: self._fill_file(name, verify=True))
+        self._each(live, lambda name: self._fill_file(name, verify=False))
 
     @staticmethod
     def _each(names: list[str], work: Callable[[str], None]) -> None:

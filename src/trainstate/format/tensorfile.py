@@ -13,7 +13,7 @@ import json
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 
@@ -23,6 +23,7 @@ from trainstate.storage.base import ReadableFile
 
 __all__ = [
     "HeaderEntry",
+    "alias_key",
     "TensorRecord",
     "byte_view",
     "dtype_from_name",
@@ -90,6 +91,21 @@ def dtype_from_name(name: object, *, where: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise CorruptCheckpointError(f"{where}: unknown dtype {name!r}")
     return dtype
+
+
+def alias_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
+    """Identity of the exact view ``tensor`` is: equal keys mean the very same elements (tied
+    weights, a tensor referenced twice). Empty tensors share nothing and get None."""
+    if tensor.numel() == 0:
+        return None
+    return (
+        tensor.untyped_storage().data_ptr(),
+        tensor.device,
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:

@@ -17,7 +17,7 @@ from trainstate.errors import CheckpointError, CheckpointWriteError
 from trainstate.format.codec import TAG, Encoder, Path, format_path
 from trainstate.format.hashing import new_hasher
 from trainstate.format.manifest import MANIFEST_NAME, FileEntry, Manifest
-from trainstate.format.tensorfile import dtype_name, encode_file
+from trainstate.format.tensorfile import alias_key, dtype_name, encode_file
 from trainstate.storage.base import PendingCheckpoint
 
 __all__ = ["DEFAULT_SHARD_BYTES", "environment", "write_checkpoint"]
@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 512 * 1024 * 1024
 _MAX_WRITERS = 4
+_MIN_ENTRY_SPLIT = 1 << 20
 _FILE_PATTERN = "tensors-{:05d}.safetensors"
 
 
@@ -48,21 +49,14 @@ class _ShardPlanner:
     def __init__(self, shard_bytes: int) -> None:
         self.shards: list[list[tuple[str, torch.Tensor]]] = []
         self._shard_bytes = shard_bytes
-        self._fill = shard_bytes  # forces a new shard on the first tensor
+        self._fill = 0
         self._keys: set[str] = set()
         self._aliases: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._entry: Any = None
 
     def add(self, path: Path, tensor: torch.Tensor) -> dict[str, Any]:
-        alias = None
-        if tensor.numel() > 0:
-            alias = (
-                tensor.untyped_storage().data_ptr(),
-                tensor.device,
-                tensor.storage_offset(),
-                tuple(tensor.shape),
-                tuple(tensor.stride()),
-                tensor.dtype,
-            )
+        alias = alias_key(tensor)
+        if alias is not None:
             if alias in self._aliases:
                 return self._aliases[alias]
         key = format_path(path)
@@ -70,9 +64,13 @@ class _ShardPlanner:
             key = next(f"{key}#{i}" for i in range(1, len(self._keys) + 2) if f"{key}#{i}" not in self._keys)
         self._keys.add(key)
         nbytes = tensor.numel() * tensor.element_size()
-        if self._fill + nbytes > self._shard_bytes and self._fill > 0:
+        # A new top-level entry (model, optimizer...) starts a new file once the current one holds
+        # something substantial: a load into a live model then only re-reads the model's files.
+        new_entry = bool(path) and path[0] != self._entry and self._fill >= _MIN_ENTRY_SPLIT
+        if not self.shards or (self._fill > 0 and (self._fill + nbytes > self._shard_bytes or new_entry)):
             self.shards.append([])
             self._fill = 0
+        self._entry = path[0] if path else None
         self.shards[-1].append((key, tensor))
         self._fill += nbytes
         ref = {

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from trainstate.format.codec import is_stateful, qualified_type
+from trainstate.format.tensorfile import alias_key
 
 __all__ = ["Captured", "capture"]
 
@@ -34,18 +35,13 @@ def capture(state: Mapping[str, Any]) -> dict[str, Any]:
     copies: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def copy_tensor(tensor: torch.Tensor) -> torch.Tensor:
-        key = (
-            tensor.untyped_storage().data_ptr(),
-            tensor.device,
-            tensor.storage_offset(),
-            tuple(tensor.shape),
-            tuple(tensor.stride()),
-            tensor.dtype,
-        )
-        if tensor.numel() == 0 or key not in copies:
+        key = alias_key(tensor)
+        if key is None or key not in copies:
             clone = tensor.detach().to("cpu", copy=True)
             if isinstance(tensor, torch.nn.Parameter):
                 clone = torch.nn.Parameter(clone, requires_grad=tensor.requires_grad)
+            if key is None:
+                return clone
             copies[key] = clone
         return copies[key]
 
