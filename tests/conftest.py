@@ -83,3 +83,13 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["TiedNet", "assert_same", "snapshot", "train_step", "trainstate"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests run only where CUDA is available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
