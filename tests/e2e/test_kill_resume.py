@@ -143,3 +143,15 @@ def test_async_saves_resume_bit_identically(tmp_path, reference):
     assert _launch(TRAIN, tmp_path, args, run, stop_at=22) == -signal.SIGKILL
     assert _launch(TRAIN, tmp_path, args, run) == 0, "".join(run.outputs)
     _assert_identical(reference(["--save-every", "4"]), run, tmp_path)  # async changes nothing
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stateful_dataloader_resumes_bit_identically(tmp_path, reference, workers):
+    """torchdata's StatefulDataLoader as a live object; with 2 workers its prefetching is handled by it,
+    and the workers forked after the first save must not keep the dead run's directory lock."""
+    args = ["--save-every", "5", "--loader", "stateful", "--workers", str(workers)]
+    run = Run()
+    assert _launch(TRAIN, tmp_path, args, run, stop_at=17) == -signal.SIGKILL
+    assert _launch(TRAIN, tmp_path, args, run) == 0, "".join(run.outputs)
+    assert run.starts[1] == 15
+    _assert_identical(reference(args), run, tmp_path)

@@ -131,3 +131,32 @@ def test_unsafe_names_are_refused(tmp_path):
     for bad in ["..", "../x", "a/b", "/abs", "", ".hidden", "a\x00b"]:
         with pytest.raises(trainstate.CorruptCheckpointError, match="unsafe file name"):
             storage.open("ckpt", bad)
+
+
+def test_forked_children_do_not_keep_the_writer_lock(tmp_path):
+    """A DataLoader worker forked after the first save must not hold a killed trainer's lock."""
+    storage = LocalStorage(tmp_path)
+    storage.lock()
+    read_end, write_end = os.pipe()
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the "worker": outlives its parent's lock unless the fd was closed at fork
+        os.close(write_end)
+        os.write(ready_write, b"r")  # fork hooks have run by the time the child executes this
+        os.read(read_end, 1)
+        os._exit(0)
+    os.close(read_end)
+    os.close(ready_write)
+    try:
+        assert os.read(ready_read, 1) == b"r"
+        fd, storage._lock_fd = storage._lock_fd, None
+        local_module._HELD_LOCKS.discard(fd)
+        os.close(fd)  # the parent dies without unlocking, as under SIGKILL; the child still runs
+        other = LocalStorage(tmp_path)
+        other.lock(timeout=0)  # would raise CheckpointLockedError if the child had inherited the lock
+        other.unlock()
+    finally:
+        os.write(write_end, b"x")
+        os.close(write_end)
+        os.close(ready_read)
+        os.waitpid(pid, 0)

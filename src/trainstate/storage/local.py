@@ -34,6 +34,24 @@ TEMP_PREFIX = ".trainstate-tmp-"
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _LOCK_POLL_S = 0.05
 
+# Lock fds held by this process. flock belongs to the open file description, which fork shares:
+# a DataLoader worker forked after the first save would keep a dead trainer's lock alive (seconds,
+# until it notices its parent is gone) and the restarted job would be locked out. Children close
+# their copies at once; closing (never LOCK_UN, which would release the parent's lock) is enough.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD_LOCKS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
 
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -266,6 +284,7 @@ class LocalStorage(Storage):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self._lock_fd = fd
+                _HELD_LOCKS.add(fd)
                 return
             except BlockingIOError:
                 if time.monotonic() >= deadline:
@@ -279,5 +298,6 @@ class LocalStorage(Storage):
     def unlock(self) -> None:
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
+            _HELD_LOCKS.discard(fd)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
