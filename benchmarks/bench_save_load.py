@@ -254,6 +254,17 @@ def fs_type(path: str) -> str:
     return kind
 
 
+def trainstate_source() -> str:
+    """Where ``trainstate`` is imported from, with ``git describe --dirty`` when it is a checkout."""
+    where = os.path.dirname(os.path.abspath(trainstate.__file__))
+    try:
+        git = subprocess.run(["git", "-C", where, "describe", "--always", "--dirty"], check=True,
+                             capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return where
+    return f"{where} (git {git})"
+
+
 @dataclass
 class Result:
     op: str
@@ -328,11 +339,11 @@ def render(args: argparse.Namespace, info: dict[str, Any], results: list[Result]
          f"= {gb:.3f} GB in {info['num_tensors']} tensors; on disk: trainstate "
          f"{info['disk_bytes']['trainstate'] / 1e9:.3f} GB, torch {info['disk_bytes']['torch'] / 1e9:.3f} GB"),
         (f"Directory: {root} ({fs_type(root)}); {os.cpu_count()} CPUs; torch {torch.__version__}, "
-         f"trainstate {trainstate.__version__}; median of {args.repeat} after {args.warmup} "
+         f"trainstate {trainstate.__version__} from {trainstate_source()}; median of {args.repeat} after {args.warmup} "
          "discarded warm-up round(s), each run in a fresh process"),
         f"Reads: {reads}. Peak extra RSS: {info['rss_method']}, above the RSS once the live state is built.",
         "",
-        "| operation | median s | min-max s | GB/s | time vs torch | peak extra RSS MB |",
+        "| operation | median s | min-max s | GB/s | time vs torch | peak extra RSS MiB |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -354,7 +365,8 @@ def to_json(args: argparse.Namespace, info: dict[str, Any], results: list[Result
                    "cold": args.cold,
                    "seed": args.seed, "dir": root, "filesystem": fs_type(root)},
         "environment": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                        "trainstate": trainstate.__version__, "platform": platform.platform()},
+                        "trainstate": trainstate.__version__,
+                        "trainstate_source": trainstate_source(), "platform": platform.platform()},
         "state": {k: info[k] for k in ("num_params", "num_tensors", "state_bytes", "disk_bytes", "rss_method")},
         "results": [asdict(r) for r in results],
     }
