@@ -1,35 +1,11 @@
-"""Shared factories: small models, optimizers and a trained step so optimizer state exists."""
+"""Shared fixtures (model factories) and the GPU skip hook; plain helpers live in support.py."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
-import trainstate
-
-
-class TiedNet(torch.nn.Module):
-    """Embedding tied to the output head, plus a BatchNorm (buffers) and dropout."""
-
-    def __init__(self, vocab: int = 11, dim: int = 6) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, dim)
-        self.norm = torch.nn.BatchNorm1d(dim)
-        self.head = torch.nn.Linear(dim, vocab, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.embed(tokens)))
-
-
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor) -> float:
-    optimizer.zero_grad()
-    loss = model(inputs).float().pow(2).mean()
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
+from support import TiedNet
 
 
 @pytest.fixture
@@ -45,44 +21,6 @@ def make_mlp():
         return torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))
 
     return make
-
-
-def snapshot(directory: str | os.PathLike[str]) -> dict[str, bytes]:
-    """Every file under ``directory`` with its bytes, for "nothing changed on disk" assertions."""
-    out = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = f.read()
-    return out
-
-
-def assert_same(a, b) -> None:
-    """Exact equality of nested state: torch.equal on tensors (and dtype), == and type on the rest."""
-    assert type(a) is type(b), (type(a), type(b))
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
-        assert torch.equal(_bytes(a), _bytes(b)), "tensor bytes differ"
-    elif isinstance(a, dict):
-        assert list(a.keys()) == list(b.keys())
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=False):
-            assert_same(x, y)
-    elif isinstance(a, float) and a != a:
-        assert b != b
-    else:
-        assert a == b
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().cpu().contiguous().resolve_conj().resolve_neg().reshape(-1).view(torch.uint8)
-
-
-__all__ = ["TiedNet", "assert_same", "snapshot", "train_step", "trainstate"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 
 import trainstate
-from conftest import TiedNet, assert_same, train_step
+from support import TiedNet, assert_same, train_step
 
 ALL_DTYPES = [
     torch.float32,

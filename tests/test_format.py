@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import trainstate
-from conftest import assert_same
+from support import assert_same
 from trainstate.format import FORMAT_VERSION, CheckpointReader, Manifest
 from trainstate.storage import split_path
 

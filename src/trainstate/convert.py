@@ -73,7 +73,7 @@ _HF_FILES = {  # torch.save file -> key in the converted state
     "scaler.pt": "scaler",
 }
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-_HF_SKIPPED = {"training_args.bin": "pickled TrainingArguments object (not tensor data); its values are in the run"}
+_HF_SKIPPED = {"training_args.bin": "a pickled TrainingArguments object, not training state"}
 _LIGHTNING_MOVED = ("state_dict", "optimizer_states", "lr_schedulers")
 
 
@@ -309,27 +309,32 @@ def read_source(
     detected = detect_source(text)
     if detected == "trainstate":
         raise UnsupportedFormatError(f"{text}: is already a trainstate checkpoint")
-    kind = kind or detected
-    if kind not in SOURCE_KINDS:
+    if kind is not None and kind not in _READERS:
         raise ValueError(f"kind={kind!r}: use one of {', '.join(SOURCE_KINDS)}")
-    step = progress or (lambda _: None)
-    if kind == "dcp":
-        return _read_dcp(text, trust_pickle=trust_pickle, progress=step)
-    if kind == "hf-trainer":
-        return _read_hf(text, trust_pickle=trust_pickle, native=native, progress=step)
-    if os.path.isdir(text):
-        raise UnsupportedFormatError(f"{text}: is a directory; {kind!r} sources are single files")
-    step(f"loading {os.path.basename(text)}")
-    obj = load_torch_file(text, trust_pickle=trust_pickle)
-    if kind == "lightning" or (kind == "torch" and _is_lightning(obj)):
-        if not _is_lightning(obj):
-            raise UnsupportedFormatError(f"{text}: not a Lightning checkpoint (no 'state_dict'/'global_step')")
-        return _from_lightning(text, _plain(obj), native=native)
+    reader = _READERS[kind or detected]
+    return reader(text, trust_pickle, native, progress or (lambda _: None), kind is None)
+
+
+def _read_file(path: str, trust_pickle: bool, native: bool, progress: Progress, detected: bool) -> Source:
+    """A ``torch.save`` file; a Lightning checkpoint when it looks like one (unless ``--from torch``)."""
+    if os.path.isdir(path):
+        raise UnsupportedFormatError(f"{path}: is a directory; torch.save and Lightning checkpoints are files")
+    progress(f"loading {os.path.basename(path)}")
+    obj = load_torch_file(path, trust_pickle=trust_pickle)
+    if _is_lightning(obj) and detected:
+        return _from_lightning(path, _plain(obj), native=native)
     obj = _plain(obj)
     if isinstance(obj, dict):
-        return Source("torch", text, obj, _top_level_metadata(obj))
+        return Source("torch", path, obj, _top_level_metadata(obj))
     # trainstate stores a mapping; a bare tensor or list goes under one key, undone by to_torch_file.
-    return Source("torch", text, {"data": obj}, {"wrapped": "data"})
+    return Source("torch", path, {"data": obj}, {"wrapped": "data"})
+
+
+def _read_lightning(path: str, trust_pickle: bool, native: bool, progress: Progress, detected: bool) -> Source:
+    source = _read_file(path, trust_pickle, native, progress, True)
+    if source.kind != "lightning":
+        raise UnsupportedFormatError(f"{path}: not a Lightning checkpoint (no 'state_dict'/'global_step')")
+    return source
 
 
 def _from_lightning(path: str, ckpt: dict[str, Any], *, native: bool) -> Source:
@@ -362,7 +367,7 @@ def _from_lightning(path: str, ckpt: dict[str, Any], *, native: bool) -> Source:
     return Source("lightning", path, state, metadata)
 
 
-def _read_hf(path: str, *, trust_pickle: bool, native: bool, progress: Progress) -> Source:
+def _read_hf(path: str, trust_pickle: bool, native: bool, progress: Progress, detected: bool) -> Source:
     present = set(os.listdir(path))
     state: dict[str, Any] = {}
     skipped: list[str] = []
@@ -393,7 +398,7 @@ def _read_hf(path: str, *, trust_pickle: bool, native: bool, progress: Progress)
     used = {*_HF_FILES, *_HF_WEIGHTS, *rng_files, _HF_STATE, "config.json", "generation_config.json"}
     used |= set(_weight_shards(path, present))
     for filename in sorted(present - used):
-        skipped.append(f"{filename} ({_HF_SKIPPED.get(filename, 'not part of the training state')})")
+        skipped.append(f"{filename}: {_HF_SKIPPED.get(filename, 'not part of the training state')}")
     if not state:
         raise UnsupportedFormatError(f"{path}: no Hugging Face Trainer files found")
     return Source("hf-trainer", path, state, _hf_metadata(state.get("trainer_state")), skipped)
@@ -529,7 +534,7 @@ def _read_dcp_metadata(path: str, *, trust_pickle: bool) -> Any:
             raise CorruptCheckpointError(f"{where}: not readable DCP metadata ({_first_line(exc)})") from exc
 
 
-def _read_dcp(path: str, *, trust_pickle: bool, progress: Progress) -> Source:
+def _read_dcp(path: str, trust_pickle: bool, native: bool, progress: Progress, detected: bool) -> Source:
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
 
     progress(f"reading {_DCP_METADATA}")
@@ -593,6 +598,14 @@ def _read_dcp(path: str, *, trust_pickle: bool, progress: Progress) -> Source:
     _fix_optimizer_keys(state)
     meta = _top_level_metadata(state)
     return Source("dcp", path, state, meta)
+
+
+_READERS: dict[str, Callable[[str, bool, bool, Progress, bool], Source]] = {
+    "torch": _read_file,
+    "lightning": _read_lightning,
+    "hf-trainer": _read_hf,
+    "dcp": _read_dcp,
+}
 
 
 def _set_path(root: dict[str, Any], path: tuple[Any, ...], value: Any, *, where: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import trainstate
-from conftest import assert_same
+from support import assert_same
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "examples" / "train.py"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import trainstate
-from conftest import assert_same, snapshot
+from support import assert_same, snapshot
 from trainstate import CheckpointManager, EarlyStopping
 from trainstate.storage import TEMP_PREFIX
 
@@ -113,7 +113,7 @@ def test_restore_specific_step_and_empty_directory(tmp_path):
 def test_second_writer_gets_a_clear_error_and_readers_need_no_lock(tmp_path):
     with CheckpointManager(tmp_path) as first:
         first.save(1, model_state())
-        second = CheckpointManager(tmp_path)
+        second = CheckpointManager(tmp_path, lock_timeout=0)
         assert second.restore(model_state()) == 1  # readers take no lock
         before = snapshot(tmp_path)
         with pytest.raises(trainstate.CheckpointLockedError, match=str(tmp_path)):

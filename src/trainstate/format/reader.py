@@ -26,12 +26,13 @@ from trainstate.format.tensorfile import (
 )
 from trainstate.storage.base import ReadableFile, Storage
 
-__all__ = ["CheckpointReader", "MapLocation", "TensorLoader", "read_manifest"]
+__all__ = ["CheckpointReader", "MapLocation", "Progress", "TensorLoader", "read_manifest"]
 
 logger = logging.getLogger(__name__)
 
 MapLocation = Union[None, str, torch.device, dict[str, str], Callable[[Any, str], Any]]  # noqa: UP007 - runtime alias
 Destinations = Callable[[Path], "torch.Tensor | None"]
+Progress = Callable[[int], None]
 _CHUNK = 16 << 20
 _MAX_READERS = 4
 
@@ -108,12 +109,25 @@ class CheckpointReader:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def verify_file(self, entry: FileEntry) -> None:
-        """Check size, safetensors header and content hash of one file."""
-        f = self.open_checked(entry)
-        read_header(f, entry.size, where=os.path.join(self.where, entry.name))
-        f.seek(0)
-        _hash_stream(f, entry, os.path.join(self.where, entry.name))
+    def verify_file(self, entry: FileEntry, progress: Progress | None = None) -> dict[str, HeaderEntry]:
+        """Check size, safetensors header and content hash of one file; returns its validated header.
+
+        Uses the reader's open handles once a read opened them; otherwise opens just this file, so
+        that every bad file of a damaged checkpoint can be named. ``progress`` gets byte counts.
+        """
+        where = os.path.join(self.where, entry.name)
+        with self._handles_lock:
+            held = self._handles[entry.name] if self._handles is not None else None
+        f = held if held is not None else self._open_sized(entry)
+        try:
+            f.seek(0)
+            _, header = read_header(f, entry.size, where=where)
+            f.seek(0)
+            _hash_stream(f, entry, where, progress)
+        finally:
+            if held is None:
+                f.close()
+        return header
 
     def verify(self) -> None:
         """Check every file of the checkpoint; raises CorruptCheckpointError naming the first bad one."""
@@ -136,7 +150,7 @@ def _available(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _hash_stream(f: ReadableFile, entry: FileEntry, where: str) -> None:
+def _hash_stream(f: ReadableFile, entry: FileEntry, where: str, progress: Progress | None = None) -> None:
     hasher = new_hasher()
     buffer = bytearray(min(_CHUNK, max(entry.size, 1)))
     view = memoryview(buffer)
@@ -147,6 +161,8 @@ def _hash_stream(f: ReadableFile, entry: FileEntry, where: str) -> None:
             raise CorruptCheckpointError(f"{where}: file ended early (truncated)")
         hasher.update(view[:n])
         remaining -= n
+        if progress is not None:
+            progress(n)
     if hasher.hexdigest() != entry.hash:
         raise CorruptCheckpointError(f"{where}: content hash mismatch (the file is damaged or was modified)")
 
@@ -296,7 +312,7 @@ class TensorLoader:
         self._each(live, lambda name: self._fill_file(name, verify=False))
 
     @staticmethod
-    def _each(names: list[str], work: Callable[[str], None]) -> None:
+    def _each(names: list[str], work: Callable[[str], object]) -> None:
         if len(names) <= 1:
             for name in names:
                 work(name)

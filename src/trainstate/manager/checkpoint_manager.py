@@ -41,12 +41,24 @@ from trainstate.manager.preemption import PreemptionHandler
 from trainstate.manager.snapshot import capture
 from trainstate.storage import LocalStorage
 
-__all__ = ["CheckpointManager", "SaveHandle"]
+__all__ = ["CheckpointManager", "SaveHandle", "parse_step_name", "step_name"]
 
 logger = logging.getLogger(__name__)
 
-_NAME = "step_{:08d}"
 _NAME_RE = re.compile(r"step_(\d{8,})")
+
+
+def step_name(step: int) -> str:
+    """The directory name of a manager checkpoint: ``step_name(300) == "step_00000300"``."""
+    return f"step_{step:08d}"
+
+
+def parse_step_name(name: str) -> int | None:
+    """Inverse of `step_name`; None for a name the manager did not give."""
+    match = _NAME_RE.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
 _SKIPPABLE = (CorruptCheckpointError, UnsupportedFormatError)
 _MAX_RESCANS = 5
 
@@ -85,7 +97,8 @@ class CheckpointManager:
         early_stopping: Stop (``should_stop``) when ``monitor`` stops improving; its state is checkpointed.
         preemption_signals: Signals (e.g. ``[signal.SIGTERM]``) after which the next
             ``save(..., force=False)`` saves unconditionally and ``should_stop`` becomes True.
-        lock_timeout: Seconds to wait for another writer of the directory before raising.
+        lock_timeout: Seconds to wait for another writer of the directory (e.g. a ``trainstate prune``)
+            before raising CheckpointLockedError; 0 fails at once.
 
     Example:
         >>> import torch, trainstate
@@ -112,7 +125,7 @@ class CheckpointManager:
         async_save: bool = False,
         early_stopping: EarlyStopping | None = None,
         preemption_signals: Iterable[signal.Signals | int] | None = None,
-        lock_timeout: float = 0.0,
+        lock_timeout: float = 30.0,
     ) -> None:
         _check_options(keep_last, keep_best, monitor, mode, keep_every, every_n_steps, every_n_seconds, early_stopping)
         self.directory = os.path.abspath(os.fspath(directory))
@@ -166,7 +179,7 @@ class CheckpointManager:
 
     def path(self, step: int) -> str:
         """Directory of the checkpoint for ``step`` (whether or not it exists)."""
-        return os.path.join(self.directory, _NAME.format(step))
+        return os.path.join(self.directory, step_name(step))
 
     def metrics(self, step: int) -> dict[str, float]:
         """The metrics saved with ``step``; raises CheckpointNotFoundError if it is not committed."""
@@ -245,13 +258,13 @@ class CheckpointManager:
 
     def _write(self, step: int, state: Mapping[str, Any], metadata: dict[str, Any], env: dict[str, Any]) -> None:
         self._storage.cleanup()  # leftovers of failed saves never accumulate (we hold the lock)
-        save_to(self._storage, _NAME.format(step), state, metadata=metadata, environment=env)
+        save_to(self._storage, step_name(step), state, metadata=metadata, environment=env)
         with self._index_lock:
             self._index[step] = CheckpointInfo(step, metadata["metrics"])
             doomed = self._retention.to_delete(list(self._index.values()))
         for old in doomed:
             try:
-                self._storage.delete(_NAME.format(old))
+                self._storage.delete(step_name(old))
             except CheckpointError as exc:  # the save itself succeeded; retention retries next time
                 logger.warning("%s: retention could not remove step %d: %s", self.directory, old, exc)
                 continue
@@ -308,7 +321,7 @@ class CheckpointManager:
         return None
 
     def _restore_step(self, step: int, state: Mapping[str, Any], *, map_location: MapLocation, strict: bool) -> int:
-        with CheckpointReader(self._storage, _NAME.format(step)) as reader:
+        with CheckpointReader(self._storage, step_name(step)) as reader:
             reader.verify()
             self._compare_environment(reader, state)
             loaded = restore_checkpoint(reader, state, map_location=map_location, strict=strict, verify=False)
@@ -365,13 +378,13 @@ class CheckpointManager:
         index: dict[int, CheckpointInfo] = {}
         broken = []
         for name in self._storage.list():
-            match = _NAME_RE.fullmatch(name)
-            if match is None:
+            named_step = parse_step_name(name)
+            if named_step is None:
                 continue
             try:
                 metadata = CheckpointReader(self._storage, name).metadata()
                 step = metadata["step"]
-                if step != int(match.group(1)):
+                if step != named_step:
                     raise CorruptCheckpointError(f"{name}: manifest says step {step}")
                 index[step] = CheckpointInfo(step, dict(metadata.get("metrics") or {}))
             except (CheckpointError, KeyError, TypeError) as exc:

@@ -1,0 +1,207 @@
+"""Finding the checkpoints of a directory and their state from manifests alone; verifying their files."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainstate.cli._tree import TensorRef, leaves
+from trainstate.cli._ui import parse_time
+from trainstate.errors import CheckpointError, CheckpointNotFoundError
+from trainstate.format import MANIFEST_NAME, CheckpointReader, Manifest
+from trainstate.format.codec import format_path
+from trainstate.format.tensorfile import HeaderEntry, dtype_from_name, stored_as
+from trainstate.manager import parse_step_name
+from trainstate.storage import TEMP_PREFIX, LocalStorage, Storage, split_path
+
+__all__ = ["Entry", "Scan", "open_checkpoint", "scan", "verify_entry"]
+
+
+@dataclass
+class Entry:
+    """One checkpoint directory as `scan` found it."""
+
+    name: str
+    path: str
+    status: str  # "ok", "corrupt" or "incomplete"
+    problem: str = ""
+    step: int | None = None
+    manifest: Manifest | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    size: int = 0
+    mtime: float = 0.0
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        raw = self.metadata.get("metrics")
+        if not isinstance(raw, dict):
+            return {}
+        return {str(k): float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def metric(self, name: str) -> float | None:
+        value = self.metrics.get(name)
+        return value if value is not None and math.isfinite(value) else None
+
+    @property
+    def epoch(self) -> Any:
+        if "epoch" in self.metadata:
+            return self.metadata["epoch"]
+        if self.manifest is not None:  # a plain top-level "epoch" of the saved state
+            tree = self.manifest.tree
+            inner = tree.get("v") if isinstance(tree, dict) else None
+            value = inner.get("epoch") if isinstance(inner, dict) else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return value
+        return None
+
+    @property
+    def created(self) -> _dt.datetime:
+        parsed = parse_time(self.manifest.created) if self.manifest is not None else None
+        return parsed or _dt.datetime.fromtimestamp(self.mtime, tz=_dt.timezone.utc)
+
+
+@dataclass
+class Scan:
+    directory: str
+    entries: list[Entry]
+    leftovers: list[str]  # temporary entries of a writer that is saving now or died mid-save
+    single: bool = False  # the directory is itself one checkpoint
+
+    @property
+    def committed(self) -> list[Entry]:
+        return [e for e in self.entries if e.status == "ok"]
+
+    def latest(self) -> Entry | None:
+        stepped = [e for e in self.committed if e.step is not None]
+        return max(stepped, key=lambda e: e.step or 0) if stepped else None
+
+    def best(self, monitor: str, mode: str) -> Entry | None:
+        scored = [(v, e.step or 0, e) for e in self.committed if (v := e.metric(monitor)) is not None]
+        if not scored:
+            return None
+        sign = 1.0 if mode == "min" else -1.0
+        return min(scored, key=lambda t: (sign * t[0], t[1]))[2]  # older wins ties, as the manager's KeepBest
+
+    def metric_names(self) -> list[str]:
+        return sorted({name for e in self.committed for name in e.metrics})
+
+
+def _disk_size(path: str) -> int:
+    try:
+        return sum(entry.stat(follow_symlinks=False).st_size for entry in os.scandir(path) if entry.is_file())
+    except OSError:
+        return 0
+
+
+def _entry(storage: Storage, name: str) -> Entry | None:
+    path = os.path.join(storage.root, name)
+    if not os.path.isdir(path) or os.path.islink(path):
+        return None
+    step = parse_step_name(name)
+    mtime = os.lstat(path).st_mtime
+    entry = Entry(name=name, path=path, status="ok", step=step, size=_disk_size(path), mtime=mtime)
+    if not os.path.lexists(os.path.join(path, MANIFEST_NAME)):
+        if step is None and not any(f.endswith(".safetensors") for f in os.listdir(path)):
+            return None  # an unrelated directory (logs, plots), not a checkpoint
+        entry.status, entry.problem = "incomplete", f"{path}: no {MANIFEST_NAME} (never committed)"
+        return entry
+    try:
+        with CheckpointReader(storage, name) as reader:
+            entry.manifest = reader.manifest
+            metadata = reader.metadata()
+    except CheckpointError as exc:
+        entry.status, entry.problem = "corrupt", str(exc)
+        return entry
+    entry.metadata = metadata if isinstance(metadata, dict) else {}
+    saved_step = entry.metadata.get("step")
+    if step is not None and saved_step is not None and saved_step != step:
+        entry.status, entry.problem = "corrupt", f"{path}: manifest says step {saved_step!r}, the name says {step}"
+    elif step is None and type(saved_step) is int:
+        entry.step = saved_step
+    return entry
+
+
+def scan(directory: str) -> Scan:
+    """Every checkpoint in ``directory`` (or ``directory`` itself if it is one), sorted by step.
+
+    Reads manifests only. Raises CheckpointNotFoundError if the directory does not exist.
+    """
+    directory = os.path.abspath(directory)
+    if os.path.lexists(os.path.join(directory, MANIFEST_NAME)):
+        storage, name = split_path(directory)
+        entry = _entry(storage, name)
+        assert entry is not None
+        return Scan(directory, [entry], [], single=True)
+    if os.path.isfile(directory):
+        raise CheckpointNotFoundError(f"{directory}: is a file, not a checkpoint directory")
+    if not os.path.isdir(directory):
+        raise CheckpointNotFoundError(f"{directory}: no such directory")
+    storage = LocalStorage(directory)
+    entries = [e for name in storage.list() if (e := _entry(storage, name)) is not None]
+    entries.sort(key=lambda e: (e.step is None, e.step or 0, e.name))
+    leftovers = sorted(n for n in os.listdir(directory) if n.startswith(TEMP_PREFIX))
+    return Scan(directory, entries, leftovers)
+
+
+def open_checkpoint(path: str) -> CheckpointReader:
+    """A reader for the trainstate checkpoint at ``path``, with a hint when it is something else."""
+    full = os.path.abspath(path)
+    if os.path.isfile(full):
+        raise CheckpointNotFoundError(
+            f"{full}: is a file, not a trainstate checkpoint directory; convert it first: "
+            f"trainstate convert {path} <new checkpoint dir>"
+        )
+    if os.path.isdir(full) and not os.path.lexists(os.path.join(full, MANIFEST_NAME)):
+        found = scan(full)
+        if found.entries:
+            names = ", ".join(e.name for e in found.entries[:3])
+            raise CheckpointNotFoundError(
+                f"{full}: is a directory of checkpoints ({names}{', ...' if len(found.entries) > 3 else ''}), "
+                "not one checkpoint; name one of them"
+            )
+    return CheckpointReader(*split_path(full))
+
+
+# ------------------------------------------------------------------------------------- verifying
+def verify_entry(reader: CheckpointReader, advance: Callable[[int], None] = lambda n: None) -> list[str]:
+    """Every problem of a committed checkpoint: each bad file, then each tensor key whose file, entry,
+    dtype or shape disagrees with the manifest. Empty when the checkpoint is intact."""
+    problems: list[str] = []
+    headers: dict[str, dict[str, HeaderEntry]] = {}
+    for entry in reader.manifest.files:
+        try:
+            headers[entry.name] = reader.verify_file(entry, progress=advance)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            advance(entry.size)
+    listed = {e.name for e in reader.manifest.files}
+    try:
+        for path, value in leaves(reader.manifest.tree, where=reader.where):
+            if not isinstance(value, TensorRef):
+                continue
+            key = format_path(path)
+            stored_key = value.node.get("key")
+            if value.file not in listed:
+                problems.append(
+                    f"{reader.where}: key {key!r}: refers to file {value.file!r} the manifest does not list"
+                )
+            elif value.file in headers:
+                stored = headers[value.file].get(str(stored_key))
+                where = os.path.join(reader.where, value.file)
+                if stored is None:
+                    problems.append(f"{where}: key {key!r}: tensor {stored_key!r} is missing from the file")
+                else:
+                    dtype, shape = value.node.get("dtype"), value.node.get("shape")  # as stored, also for numpy
+                    expected = stored_as(dtype_from_name(dtype, where=f"{reader.where}: key {key!r}"), shape or [])
+                    if (stored.st_dtype, stored.shape) != expected:
+                        problems.append(
+                            f"{where}: key {key!r}: stored as {stored.st_dtype}{list(stored.shape)}, "
+                            f"manifest says {dtype}{shape}"
+                        )
+    except CheckpointError as exc:
+        problems.append(str(exc))
+    return problems

@@ -1,0 +1,186 @@
+"""``trainstate export PATH OUT``: the model weights alone, as ``.safetensors`` or a ``torch.save`` file."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Annotated, Any
+
+import torch
+import typer
+
+from trainstate.cli._scan import open_checkpoint
+from trainstate.cli._tree import TensorRef, category, children, find, is_tensor, leaves
+from trainstate.cli._ui import UI, Debug, Json, Quiet, command, fail, format_bytes, usage_error
+from trainstate.convert import TORCH_SUFFIXES, atomic_write
+from trainstate.format import CheckpointReader, TensorLoader
+from trainstate.format.codec import Path, format_path
+
+HELP = "Export the model weights of a checkpoint to .safetensors (default) or .pt, with key remapping and dtype cast."
+EPILOG = """\
+The model is the top-level 'model' entry (or 'state_dict', 'module', or the only module state);
+choose another subtree with --key. Keys are the dotted paths inside it.
+
+Examples:
+
+  trainstate export runs/exp1/step_00000300 model.safetensors
+
+  trainstate export ckpt/from-lightning weights.pt --strip-prefix net. --dtype bf16
+
+  trainstate export ckpt hf.safetensors --key model --prefix transformer.
+"""
+
+_MODEL_KEYS = ("model", "state_dict", "module", "model_state_dict")
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+    "double": torch.float64,
+}
+
+
+def _choose(tree: Any, key: str | None, where: str) -> tuple[Path, Any]:
+    top = children(tree, where) or []
+    names = ", ".join(str(k) for k, _ in top) or "none"
+    if key is not None:
+        try:
+            return find(tree, key, where)
+        except KeyError as exc:
+            fail(f"{where}: no key {exc.args[0]!r} (top-level keys: {names})")
+    for candidate in _MODEL_KEYS:
+        for k, node in top:
+            if k == candidate:
+                return (k,), node
+    models = [(k, node) for k, node in top if category(k, node) == "model"]
+    if len(models) == 1:
+        return (models[0][0],), models[0][1]
+    if top and all(is_tensor(node) for _, node in top):
+        return (), tree  # the checkpoint is itself a flat state dict
+    fail(f"{where}: cannot tell which entry holds the model weights (top-level keys: {names}); choose one with --key")
+
+
+def _remap(keys: list[str], strip: str | None, prefix: str | None, ui: UI) -> list[str]:
+    out = []
+    unmatched = 0
+    for key in keys:
+        if strip:
+            if key.startswith(strip):
+                key = key[len(strip) :]
+            else:
+                unmatched += 1
+        out.append(f"{prefix or ''}{key}")
+    if strip and unmatched:
+        ui.warn(f"{unmatched} of {len(keys)} keys do not start with {strip!r} and keep their names")
+    dupes = sorted({k for k in out if out.count(k) > 1})
+    if dupes:
+        fail(f"key remapping makes {len(dupes)} keys collide, e.g. {dupes[0]!r}")
+    return out
+
+
+def _load(reader: CheckpointReader, refs: dict[Path, TensorRef], verify: bool) -> dict[Path, torch.Tensor]:
+    loader = TensorLoader(reader, map_location="cpu", verify=verify)
+    decoded = {path: reader.decode(ref.node, loader, path=path) for path, ref in refs.items()}
+    loader.fill()
+    return {p: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for p, v in decoded.items()}
+
+
+def _write_safetensors(target: str, tensors: dict[str, torch.Tensor]) -> None:
+    import safetensors.torch
+
+    seen: set[tuple[int, Any]] = set()
+    ready = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().contiguous()
+        span = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.numel() and span in seen:  # tied weights: safetensors stores each key's own bytes
+            tensor = tensor.clone()
+        seen.add(span)
+        ready[key] = tensor
+    try:
+        data = safetensors.torch.save(ready, metadata={"format": "pt"})
+    except Exception as exc:
+        fail(f"{target}: safetensors cannot store these tensors ({exc}); use --format pt or --dtype")
+    with atomic_write(target) as f:
+        f.write(data)
+
+
+@command
+def export(
+    path: Annotated[str, typer.Argument(metavar="PATH", help="A trainstate checkpoint.")],
+    out: Annotated[str, typer.Argument(metavar="OUT", help="The weights file to write (.safetensors or .pt).")],
+    key: Annotated[str | None, typer.Option(help="Dotted key of the subtree to export (default: the model).")] = None,
+    prefix: Annotated[str | None, typer.Option(help="Prepend this to every key (after --strip-prefix).")] = None,
+    strip_prefix: Annotated[str | None, typer.Option(help="Remove this from the start of every key.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Cast floating-point tensors: bf16, fp16, fp32 or fp64.")] = None,
+    file_format: Annotated[
+        str | None, typer.Option("--format", help="safetensors or pt (default: from OUT's suffix, else safetensors).")
+    ] = None,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Skip the content-hash check of the data files.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    json_output: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    if dtype is not None and dtype.lower() not in _DTYPES:
+        usage_error(f"{dtype!r} is not one of bf16, fp16, fp32, fp64", param="--dtype")
+    if file_format is None:
+        file_format = "pt" if out.endswith(TORCH_SUFFIXES) else "safetensors"
+    if file_format not in ("safetensors", "pt"):
+        usage_error(f"{file_format!r} is not 'safetensors' or 'pt'", param="--format")
+    ui = UI(json_output=json_output, quiet=quiet)
+    target = os.path.abspath(out)
+    if os.path.lexists(target) and not force:
+        fail(f"{target}: already exists (pass --force to replace it)")
+    with open_checkpoint(path) as reader:
+        base, subtree = _choose(reader.manifest.tree, key, reader.where)
+        items = list(leaves(subtree, base, reader.where))
+        refs = {p: v for p, v in items if isinstance(v, TensorRef)}
+        if not refs:
+            fail(f"{reader.where}: {format_path(base)!r} holds no tensors")
+        skipped = [format_path(p) for p, v in items if not isinstance(v, TensorRef)]
+        with ui.progress(f"reading {format_path(base)}", None):
+            tensors = _load(reader, refs, verify=not no_verify)
+    names = [format_path(p[len(base) :]) if len(p) > len(base) else str(p[-1]) for p in refs]
+    names = _remap(names, strip_prefix, prefix, ui)
+    cast = _DTYPES[dtype.lower()] if dtype else None
+    output: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for name, p in zip(names, refs, strict=True):
+        tensor = tensors[p]
+        output[name] = tensor.to(cast) if cast is not None and tensor.is_floating_point() else tensor
+    with ui.progress(f"writing {out}", None):
+        if file_format == "safetensors":
+            _write_safetensors(target, output)
+        else:
+            with atomic_write(target) as f:
+                torch.save(output, f)
+    size = os.path.getsize(target)
+    summary = {
+        "path": reader.where,
+        "key": format_path(base),
+        "out": target,
+        "format": file_format,
+        "tensors": len(output),
+        "elements": sum(t.numel() for t in output.values()),
+        "bytes": size,
+        "skipped": skipped,
+    }
+    if json_output:
+        ui.emit_json(summary)
+        return
+    ui.print(
+        f"exported {summary['tensors']} tensors ({summary['elements']:,} elements) from {summary['key']!r} "
+        f"to {target} ({file_format}, {format_bytes(size)})"
+    )
+    if skipped:
+        ui.note(
+            f"skipped {len(skipped)} non-tensor value(s): {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}"
+        )
