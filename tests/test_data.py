@@ -55,12 +55,15 @@ def test_each_epoch_is_a_new_permutation_and_sequential_mode_is_ordered():
     assert list(sampler) == first
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"seed": 9}, "sampler.seed"),
-    ({"length": 24}, "sampler.length"),
-    ({"shuffle": False}, "sampler.shuffle"),
-    ({"consumed": 99}, "sampler.consumed"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"seed": 9}, "sampler.seed"),
+        ({"length": 24}, "sampler.length"),
+        ({"shuffle": False}, "sampler.shuffle"),
+        ({"consumed": 99}, "sampler.consumed"),
+    ],
+)
 def test_a_state_that_does_not_fit_raises(change, message):
     state = {**trainstate.ResumableSampler(DATA, seed=3).state_dict(), **change}
     with pytest.raises(trainstate.StateMismatchError, match=message):

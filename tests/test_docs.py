@@ -7,8 +7,14 @@ import importlib
 
 import pytest
 
-MODULES = ["trainstate.api", "trainstate.rng", "trainstate.data", "trainstate.manager.checkpoint_manager",
-           "trainstate.manager.early_stopping", "trainstate.storage"]
+MODULES = [
+    "trainstate.api",
+    "trainstate.rng",
+    "trainstate.data",
+    "trainstate.manager.checkpoint_manager",
+    "trainstate.manager.early_stopping",
+    "trainstate.storage",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import base64
 import math
 import pickle
+import re
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 TAG = "@"
-MAX_DEPTH = 200
+MAX_DEPTH = 100
 _SAFE_INT = 2**53
 Path = tuple[Any, ...]
 
@@ -68,10 +69,18 @@ class Encoder:
     sink: TensorSink | None
     allow_pickle: bool = False
     where: str = ""
+    _depth: int = field(default=0, init=False, repr=False)
 
     def encode(self, value: Any, path: Path = ()) -> Any:
-        if len(path) > MAX_DEPTH:
+        if self._depth >= MAX_DEPTH:
             raise UnsupportedValueError(f"{self.where}{format_path(path)}: nested deeper than {MAX_DEPTH} levels")
+        self._depth += 1
+        try:
+            return self._encode(value, path)
+        finally:
+            self._depth -= 1
+
+    def _encode(self, value: Any, path: Path) -> Any:
         kind = type(value)
         if kind is str or kind is bool or value is None:
             return value
@@ -103,10 +112,19 @@ class Decoder:
     source: TensorSource | None
     allow_pickle: bool = False
     where: str = ""
+    _depth: int = field(default=0, init=False, repr=False)
 
     def decode(self, node: Any, path: Path = ()) -> Any:
-        if len(path) > MAX_DEPTH:
+        # Real nesting depth, not the path length: dict keys and live-object wrappers nest too.
+        if self._depth >= MAX_DEPTH:
             raise CorruptCheckpointError(f"{self.where}: {format_path(path)}: nested deeper than {MAX_DEPTH} levels")
+        self._depth += 1
+        try:
+            return self._decode(node, path)
+        finally:
+            self._depth -= 1
+
+    def _decode(self, node: Any, path: Path) -> Any:
         if isinstance(node, list):
             return [self.decode(item, (*path, i)) for i, item in enumerate(node)]
         if not isinstance(node, dict):
@@ -119,7 +137,7 @@ class Decoder:
             return codec.decode(node, path, self)
         except CheckpointError:
             raise
-        except (KeyError, TypeError, ValueError, OverflowError, IndexError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, IndexError, AttributeError, RuntimeError) as exc:
             raise CorruptCheckpointError(
                 f"{self.where}: {format_path(path)}: malformed {tag!r} value ({exc})"
             ) from None
@@ -239,8 +257,19 @@ def _encode_ndarray(value: np.ndarray, path: Path, enc: Encoder) -> dict[str, An
     return {**enc.tensor(tensor, path), TAG: "ndarray", **node}
 
 
+_NUMPY_DTYPE = re.compile(r"[<>|=][biufc][0-9]{1,2}")
+
+
+def _numpy_dtype(text: object) -> np.dtype:
+    """Only the plain dtype strings the encoder writes (``<f8``, ``|b1``...): ``np.dtype`` would
+    otherwise parse arbitrary text, with Python's compiler, for structured dtypes."""
+    if not isinstance(text, str) or not _NUMPY_DTYPE.fullmatch(text):
+        raise ValueError(f"invalid numpy dtype {text!r}")
+    return np.dtype(text)
+
+
 def _decode_ndarray(node: dict[str, Any], path: Path, dec: Decoder) -> np.ndarray:
-    dtype = np.dtype(node["np_dtype"])
+    dtype = _numpy_dtype(node["np_dtype"])
     if dtype.hasobject or dtype.kind not in "biufc":
         raise ValueError(f"numpy dtype {dtype} is not allowed")
     array = dec.tensor(node, path).cpu().numpy()  # not filled yet: only zero-copy views from here
@@ -260,7 +289,7 @@ def _encode_npscalar(value: np.generic, path: Path, enc: Encoder) -> dict[str, A
 
 
 def _decode_npscalar(node: dict[str, Any], path: Path, dec: Decoder) -> np.generic:
-    dtype = np.dtype(node["dtype"])
+    dtype = _numpy_dtype(node["dtype"])
     if dtype.kind not in "biufc":
         raise ValueError(f"numpy dtype {dtype} is not allowed")
     return np.frombuffer(_b64(node), dtype=dtype, count=1)[0]
@@ -291,7 +320,10 @@ def _encode_stateful(value: Any, path: Path, enc: Encoder) -> dict[str, Any]:
 def _decode_device(node: dict[str, Any], path: Path, dec: Decoder) -> torch.device:
     if not isinstance(node["v"], str) or len(node["v"]) > 64:
         raise ValueError("device must be a short string")
-    return torch.device(node["v"])
+    try:
+        return torch.device(node["v"])
+    except RuntimeError:
+        raise ValueError(f"invalid device {node['v']!r}") from None
 
 
 _CODECS = [
@@ -301,7 +333,9 @@ _CODECS = [
         "tuple",
         (tuple,),
         lambda v, p, e: {TAG: "tuple", "v": [e.encode(x, (*p, i)) for i, x in enumerate(v)]},
-        lambda n, p, d: tuple(d.decode(n["v"], p)) if isinstance(n["v"], list) else _malformed(),
+        lambda n, p, d: (
+            tuple(d.decode(x, (*p, i)) for i, x in enumerate(n["v"])) if isinstance(n["v"], list) else _malformed()
+        ),
     ),
     Codec(
         "list", (list,), lambda v, p, e: [e.encode(x, (*p, i)) for i, x in enumerate(v)], lambda n, p, d: _malformed()

@@ -23,6 +23,7 @@ from trainstate.format.tensorfile import (
     read_exact_into,
     read_header,
     stored_as,
+    valid_shape,
 )
 from trainstate.storage.base import ReadableFile, Storage
 
@@ -50,9 +51,15 @@ class CheckpointReader:
             raise CheckpointNotFoundError(f"{self.where}: no such checkpoint")
         if not storage.exists(name, MANIFEST_NAME):
             raise CheckpointNotFoundError(f"{self.where}: no {MANIFEST_NAME}; not a committed trainstate checkpoint")
+        where = os.path.join(self.where, MANIFEST_NAME)
         with storage.open(name, MANIFEST_NAME) as f:
-            data = f.read(MAX_MANIFEST_BYTES + 1)
-        self.manifest = Manifest.from_json(data, where=os.path.join(self.where, MANIFEST_NAME))
+            fileno = getattr(f, "fileno", None)
+            size = os.fstat(fileno()).st_size if fileno else storage.size(name, MANIFEST_NAME)
+            if size > MAX_MANIFEST_BYTES:
+                raise CorruptCheckpointError(f"{where}: manifest is {size} bytes, over the {MAX_MANIFEST_BYTES} cap")
+            data = bytearray(size)
+            read_exact_into(f, memoryview(data), where=where)
+        self.manifest = Manifest.from_json(bytes(data), where=where)
         self._files = {entry.name: entry for entry in self.manifest.files}
 
     def file(self, name: str, *, where: str) -> FileEntry:
@@ -215,7 +222,7 @@ class TensorLoader:
         if not isinstance(key, str):
             raise CorruptCheckpointError(f"{self._reader.where}: {where}: invalid tensor key {key!r}")
         dtype = dtype_from_name(ref.get("dtype"), where=f"{self._reader.where}: {where}")
-        if not isinstance(shape_raw, list) or not all(type(d) is int and d >= 0 for d in shape_raw):
+        if not valid_shape(shape_raw):
             raise CorruptCheckpointError(f"{self._reader.where}: {where}: invalid shape {shape_raw!r}")
         shape = tuple(shape_raw)
         header = self._header(entry)

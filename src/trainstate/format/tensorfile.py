@@ -13,7 +13,7 @@ import json
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import torch
 
@@ -23,6 +23,7 @@ from trainstate.storage.base import ReadableFile
 
 __all__ = [
     "HeaderEntry",
+    "valid_shape",
     "alias_key",
     "TensorRecord",
     "byte_view",
@@ -85,12 +86,30 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# Read from the module's own namespace: getattr(torch, name) could import submodules lazily.
+_DTYPES: dict[str, torch.dtype] = {name: v for name, v in vars(torch).items() if isinstance(v, torch.dtype)}
+_MAX_NDIM = 64
+_INT64_MAX = 2**63 - 1
+
+
 def dtype_from_name(name: object, *, where: str) -> torch.dtype:
-    """Inverse of `dtype_name`; only real ``torch.dtype`` attributes are accepted."""
-    dtype = getattr(torch, name, None) if isinstance(name, str) and name.isidentifier() else None
-    if not isinstance(dtype, torch.dtype):
+    """Inverse of `dtype_name`; only names of real ``torch.dtype`` objects are accepted."""
+    dtype = _DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
         raise CorruptCheckpointError(f"{where}: unknown dtype {name!r}")
     return dtype
+
+
+def valid_shape(shape: object) -> TypeGuard[list[int]]:
+    """A list of non-negative ints whose strides fit in int64 (also when another dim is 0)."""
+    if not isinstance(shape, list) or len(shape) > _MAX_NDIM:
+        return False
+    extent = 1
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            return False
+        extent *= max(dim, 1)
+    return extent <= _INT64_MAX
 
 
 def alias_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
@@ -249,9 +268,9 @@ def _parse_entry(spec: object, base: int, data_len: int, *, where: str) -> Heade
     if not isinstance(spec, dict):
         raise CorruptCheckpointError(f"{where}: entry is not an object")
     st_dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if st_dtype not in _ITEMSIZE:
+    if not isinstance(st_dtype, str) or st_dtype not in _ITEMSIZE:
         raise CorruptCheckpointError(f"{where}: unsupported dtype {st_dtype!r}")
-    if not isinstance(shape, list) or len(shape) > 64 or not all(type(d) is int and d >= 0 for d in shape):
+    if not valid_shape(shape):
         raise CorruptCheckpointError(f"{where}: invalid shape {shape!r}")
     if (
         not isinstance(offsets, list)

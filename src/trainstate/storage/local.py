@@ -206,7 +206,8 @@ class LocalStorage(Storage):
         path = self._path(name, filename)
         try:
             # O_NOFOLLOW: a symlink planted in a checkpoint must not make us read outside it.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO planted in a checkpoint must not hang; cleared below.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(f"{path}: no such file") from exc
         except OSError as exc:
@@ -216,6 +217,7 @@ class LocalStorage(Storage):
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise CorruptCheckpointError(f"{path}: is not a regular file")
+        os.set_blocking(fd, True)
         return cast(ReadableFile, os.fdopen(fd, "rb", buffering=0))
 
     def size(self, name: str, filename: str) -> int:
