@@ -211,8 +211,13 @@ def child_measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter, then flush dirty pages so runs do not overlap."""
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                          check=False, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+    )
     os.sync()
     if proc.returncode != 0:
         raise RuntimeError(f"child {spec['op']} failed (rc={proc.returncode}):\n{proc.stderr}")
@@ -258,8 +263,9 @@ def trainstate_source() -> str:
     """Where ``trainstate`` is imported from, with ``git describe --dirty`` when it is a checkout."""
     where = os.path.dirname(os.path.abspath(trainstate.__file__))
     try:
-        git = subprocess.run(["git", "-C", where, "describe", "--always", "--dirty"], check=True,
-                             capture_output=True, text=True).stdout.strip()
+        git = subprocess.run(
+            ["git", "-C", where, "describe", "--always", "--dirty"], check=True, capture_output=True, text=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return where
     return f"{where} (git {git})"
@@ -280,8 +286,16 @@ class Result:
 def prepare(root: str, params: int, seed: int) -> tuple[dict[str, Any], str, str]:
     """Write the checkpoints that the load measurements read: one trainstate directory, one torch file."""
     ts_path, pt_path = os.path.join(root, "load-src-ts"), os.path.join(root, "load-src.pt")
-    info = run_child({"op": "trainstate.save", "path": ts_path, "params": params, "seed": seed,
-                      "fingerprint": True, "describe": True})
+    info = run_child(
+        {
+            "op": "trainstate.save",
+            "path": ts_path,
+            "params": params,
+            "seed": seed,
+            "fingerprint": True,
+            "describe": True,
+        }
+    )
     run_child({"op": "torch.save+fsync", "path": pt_path, "params": params, "seed": seed})
     info["disk_bytes"] = {"trainstate": disk_bytes(ts_path), "torch": disk_bytes(pt_path)}
     return info, ts_path, pt_path
@@ -301,8 +315,12 @@ def run_once(args: argparse.Namespace, op: str, path: str, expected: str) -> dic
 
 def measure(args: argparse.Namespace, root: str) -> tuple[dict[str, Any], list[Result]]:
     info, ts_src, pt_src = prepare(root, args.params, args.seed)
-    paths = {"trainstate.save": os.path.join(root, "save-ts"), "torch.save+fsync": os.path.join(root, "save.pt"),
-             "torch.save": os.path.join(root, "save.pt"), "torch.load+load_state_dict": pt_src}
+    paths = {
+        "trainstate.save": os.path.join(root, "save-ts"),
+        "torch.save+fsync": os.path.join(root, "save.pt"),
+        "torch.save": os.path.join(root, "save.pt"),
+        "torch.load+load_state_dict": pt_src,
+    }
     results = {op: Result(op, "save" if op in SAVE_OPS else "load", [], []) for op in (*SAVE_OPS, *LOAD_OPS)}
     rss_methods = set()
     for ops in (SAVE_OPS, LOAD_OPS):
@@ -332,41 +350,63 @@ def summarize(results: list[Result], state_bytes: int) -> None:
 def render(args: argparse.Namespace, info: dict[str, Any], results: list[Result], root: str) -> str:
     width, layers = shape_for(args.params)
     gb = info["state_bytes"] / 1e9
-    reads = ("cold in the guest page cache (evicted with posix_fadvise DONTNEED before each load; "
-             "the host may still cache)" if args.cold else "warm (files were just written and sit in the page cache)")
+    reads = (
+        "cold in the guest page cache (evicted with posix_fadvise DONTNEED before each load; the host may still cache)"
+        if args.cold
+        else "warm (files were just written and sit in the page cache)"
+    )
     lines = [
-        (f"State: {info['num_params'] / 1e6:.1f}M params ({layers} x Linear({width}, {width}), float32) + AdamW "
-         f"= {gb:.3f} GB in {info['num_tensors']} tensors; on disk: trainstate "
-         f"{info['disk_bytes']['trainstate'] / 1e9:.3f} GB, torch {info['disk_bytes']['torch'] / 1e9:.3f} GB"),
-        (f"Directory: {root} ({fs_type(root)}); {os.cpu_count()} CPUs; torch {torch.__version__}, "
-         f"trainstate {trainstate.__version__} from {trainstate_source()}; median of {args.repeat} after {args.warmup} "
-         "discarded warm-up round(s), each run in a fresh process"),
+        (
+            f"State: {info['num_params'] / 1e6:.1f}M params ({layers} x Linear({width}, {width}), float32) + AdamW "
+            f"= {gb:.3f} GB in {info['num_tensors']} tensors; on disk: trainstate "
+            f"{info['disk_bytes']['trainstate'] / 1e9:.3f} GB, torch {info['disk_bytes']['torch'] / 1e9:.3f} GB"
+        ),
+        (
+            f"Directory: {root} ({fs_type(root)}); {os.cpu_count()} CPUs; torch {torch.__version__}, "
+            f"trainstate {trainstate.__version__} from {trainstate_source()}; median of {args.repeat} after {args.warmup} "
+            "discarded warm-up round(s), each run in a fresh process"
+        ),
         f"Reads: {reads}. Peak extra RSS: {info['rss_method']}, above the RSS once the live state is built.",
         "",
         "| operation | median s | min-max s | GB/s | time vs torch | peak extra RSS MiB |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        lines.append(f"| {LABELS[r.op]} | {r.median_s:.3f} | {min(r.seconds):.3f}-{max(r.seconds):.3f} "
-                     f"| {r.gb_per_s:.2f} | {r.vs_torch:.2f}x | {r.median_peak_extra_mb:.0f} |")
+        lines.append(
+            f"| {LABELS[r.op]} | {r.median_s:.3f} | {min(r.seconds):.3f}-{max(r.seconds):.3f} "
+            f"| {r.gb_per_s:.2f} | {r.vs_torch:.2f}x | {r.median_peak_extra_mb:.0f} |"
+        )
     by_op = {r.op: r for r in results}
     lines += ["", "Time ratios (lower is faster for trainstate):"]
     for op in ("trainstate.save", "trainstate.load", "trainstate.load(verify=False)"):
         base = BASELINE[by_op[op].kind]
         lines.append(f"  {op} / {base} = {by_op[op].vs_torch:.2f}x")
-    lines.append(f"  trainstate.save / torch.save (no fsync) = "
-                 f"{by_op['trainstate.save'].median_s / by_op['torch.save'].median_s:.2f}x")
+    lines.append(
+        f"  trainstate.save / torch.save (no fsync) = "
+        f"{by_op['trainstate.save'].median_s / by_op['torch.save'].median_s:.2f}x"
+    )
     return "\n".join(lines)
 
 
 def to_json(args: argparse.Namespace, info: dict[str, Any], results: list[Result], root: str) -> dict[str, Any]:
     return {
-        "config": {"params_millions": args.params / 1e6, "repeat": args.repeat, "warmup": args.warmup,
-                   "cold": args.cold,
-                   "seed": args.seed, "dir": root, "filesystem": fs_type(root)},
-        "environment": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                        "trainstate": trainstate.__version__,
-                        "trainstate_source": trainstate_source(), "platform": platform.platform()},
+        "config": {
+            "params_millions": args.params / 1e6,
+            "repeat": args.repeat,
+            "warmup": args.warmup,
+            "cold": args.cold,
+            "seed": args.seed,
+            "dir": root,
+            "filesystem": fs_type(root),
+        },
+        "environment": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "trainstate": trainstate.__version__,
+            "trainstate_source": trainstate_source(),
+            "platform": platform.platform(),
+        },
         "state": {k: info[k] for k in ("num_params", "num_tensors", "state_bytes", "disk_bytes", "rss_method")},
         "results": [asdict(r) for r in results],
     }

@@ -55,11 +55,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         console.print(f"[bold]1.[/] uninterrupted run of {args.total_steps} steps")
         reference, _ = run(f"{tmp}/reference", args.total_steps, args.save_every)
-        console.print(f"[bold]2.[/] interrupted run: [red]kill -9[/] after step {args.kill_at} (epoch 2 of 4, mid-epoch)")
+        console.print(
+            f"[bold]2.[/] interrupted run: [red]kill -9[/] after step {args.kill_at} (epoch 2 of 4, mid-epoch)"
+        )
         killed, _ = run(f"{tmp}/resumed", args.total_steps, args.save_every, kill_at=args.kill_at)
         resumed, start = run(f"{tmp}/resumed", args.total_steps, args.save_every)
-        console.print(f"[bold]3.[/] restarted: resumed from the checkpoint of step {start}, "
-                      f"re-ran steps {start + 1}..{args.kill_at} and finished")
+        console.print(
+            f"[bold]3.[/] restarted: resumed from the checkpoint of step {start}, "
+            f"re-ran steps {start + 1}..{args.kill_at} and finished"
+        )
         combined = {**killed, **resumed}
 
         table = Table(title="loss per step")
@@ -68,14 +72,21 @@ def main() -> None:
         for step in sorted(reference):
             a, b = reference[step], combined.get(step, "-")
             origin = " (after resume)" if start is not None and step > start else ""
-            table.add_row(str(step), f"{float.fromhex(a):.10f}", f"{float.fromhex(b):.10f}{origin}" if b != "-" else "-",
-                          "[green]yes[/]" if a == b else "[red]NO[/]")
+            table.add_row(
+                str(step),
+                f"{float.fromhex(a):.10f}",
+                f"{float.fromhex(b):.10f}{origin}" if b != "-" else "-",
+                "[green]yes[/]" if a == b else "[red]NO[/]",
+            )
         console.print(table)
         final_a = trainstate.load(f"{tmp}/reference/final")
         final_b = trainstate.load(f"{tmp}/resumed/final")
         weights_equal = all(torch.equal(final_a["model"][k], final_b["model"][k]) for k in final_a["model"])
-        moments_equal = all(torch.equal(final_a["optimizer"]["state"][i][k], final_b["optimizer"]["state"][i][k])
-                            for i in final_a["optimizer"]["state"] for k in ("exp_avg", "exp_avg_sq"))
+        moments_equal = all(
+            torch.equal(final_a["optimizer"]["state"][i][k], final_b["optimizer"]["state"][i][k])
+            for i in final_a["optimizer"]["state"]
+            for k in ("exp_avg", "exp_avg_sq")
+        )
     identical = reference == combined and weights_equal and moments_equal
     console.print(f"final weights equal: {weights_equal}, optimizer moments equal: {moments_equal}")
     console.print(f"[bold]identical: {identical}[/]")

@@ -60,11 +60,21 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-2, total_steps=args.total_steps)
     loader = make_loader(make_dataset(), args.loader, args.workers)
-    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "rng": trainstate.RNGState(),
-             "loader": loader if args.loader == "stateful" else loader.sampler}
+    state = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "rng": trainstate.RNGState(),
+        "loader": loader if args.loader == "stateful" else loader.sampler,
+    }
 
-    with trainstate.CheckpointManager(args.dir, keep_last=3, every_n_steps=args.save_every, async_save=args.async_save,
-                                      preemption_signals=[signal.SIGTERM]) as manager:
+    with trainstate.CheckpointManager(
+        args.dir,
+        keep_last=3,
+        every_n_steps=args.save_every,
+        async_save=args.async_save,
+        preemption_signals=[signal.SIGTERM],
+    ) as manager:
         step = manager.restore(state) or 0
         print(f"start {step} pid {os.getpid()}", flush=True)
         while step < args.total_steps and not manager.should_stop:

@@ -42,8 +42,15 @@ def resumed_run(path: str, *, live: bool) -> tuple[list[float], torch.nn.Module]
     if live:
         trainstate.save(path, {"epoch": 3, "model": model, "optimizer": optimizer, "loss": losses[-1]})
     else:
-        trainstate.save(path, {"epoch": 3, "model_state_dict": model.state_dict(),
-                               "optimizer_state_dict": optimizer.state_dict(), "loss": losses[-1]})
+        trainstate.save(
+            path,
+            {
+                "epoch": 3,
+                "model_state_dict": model.state_dict(),
+                "optimizer_state_dict": optimizer.state_dict(),
+                "loss": losses[-1],
+            },
+        )
     del model, optimizer
 
     model, optimizer = fresh()
