@@ -18,10 +18,8 @@ import logging
 import os
 import pathlib
 import pickle
-import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -30,10 +28,8 @@ import torch
 
 from trainstate.api import load, save
 from trainstate.errors import (
-    CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
-    CheckpointWriteError,
     CorruptCheckpointError,
     UnsafeCheckpointError,
     UnsupportedFormatError,
@@ -41,13 +37,12 @@ from trainstate.errors import (
 from trainstate.format.codec import format_path
 from trainstate.format.manifest import MANIFEST_NAME
 from trainstate.format.reader import CheckpointReader
-from trainstate.storage import check_name, split_path
+from trainstate.storage import atomic_write_file, check_name, split_path
 
 __all__ = [
     "SOURCE_KINDS",
     "TORCH_SUFFIXES",
     "Source",
-    "atomic_write",
     "detect_source",
     "load_torch_file",
     "read_source",
@@ -707,36 +702,6 @@ def to_torch_file(
     source = metadata.get("source") if isinstance(metadata, dict) else None
     wrapped = source.get("wrapped") if isinstance(source, dict) else None
     obj = state[wrapped] if isinstance(wrapped, str) and wrapped in state else state
-    with atomic_write(target) as f:
+    with atomic_write_file(target) as f:
         torch.save(obj, f)
     return obj
-
-
-@contextmanager
-def atomic_write(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
-    """Open a temporary sibling of ``path`` for writing; on success fsync it and rename it over ``path``
-    (then fsync the directory); on any error remove it, leaving ``path`` as it was."""
-    target = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(target)
-    tmp = os.path.join(parent, f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        with open(tmp, "xb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
-            raise CheckpointWriteError(
-                f"{target}: writing failed: {exc.strerror or exc}; nothing was replaced"
-            ) from exc
-        raise

@@ -12,9 +12,10 @@ import typer
 from trainstate.cli._scan import open_checkpoint
 from trainstate.cli._tree import TensorRef, category, children, find, is_tensor, leaves
 from trainstate.cli._ui import UI, Debug, Json, Quiet, command, fail, format_bytes, usage_error
-from trainstate.convert import TORCH_SUFFIXES, atomic_write
+from trainstate.convert import TORCH_SUFFIXES
 from trainstate.format import CheckpointReader, TensorLoader
 from trainstate.format.codec import Path, format_path
+from trainstate.storage import atomic_write_file
 
 HELP = "Export the model weights of a checkpoint to .safetensors (default) or .pt, with key remapping and dtype cast."
 EPILOG = """\
@@ -107,7 +108,7 @@ def _write_safetensors(target: str, tensors: dict[str, torch.Tensor]) -> None:
         data = safetensors.torch.save(ready, metadata={"format": "pt"})
     except Exception as exc:
         fail(f"{target}: safetensors cannot store these tensors ({exc}); use --format pt or --dtype")
-    with atomic_write(target) as f:
+    with atomic_write_file(target) as f:
         f.write(data)
 
 
@@ -160,7 +161,7 @@ def export(
         if file_format == "safetensors":
             _write_safetensors(target, output)
         else:
-            with atomic_write(target) as f:
+            with atomic_write_file(target) as f:
                 torch.save(output, f)
     size = os.path.getsize(target)
     summary = {

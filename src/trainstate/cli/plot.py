@@ -9,7 +9,7 @@ import typer
 
 from trainstate.cli._scan import scan
 from trainstate.cli._ui import UI, Better, Debug, Json, Mode, Quiet, command, fail, usage_error
-from trainstate.convert import atomic_write
+from trainstate.storage import atomic_write_file
 
 HELP = "Plot metrics over steps across the checkpoints of a directory, as a PNG (needs matplotlib)."
 EPILOG = """\
@@ -104,7 +104,7 @@ def plot(
     fig.suptitle(title or found.directory, fontsize="medium")
     fig.tight_layout()
     target = os.path.abspath(output)
-    with atomic_write(target) as f:
+    with atomic_write_file(target) as f:
         fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
     if json_output:

@@ -5,9 +5,17 @@ from __future__ import annotations
 import os
 
 from trainstate.storage.base import PendingCheckpoint, Storage, check_name
-from trainstate.storage.local import TEMP_PREFIX, LocalStorage
+from trainstate.storage.local import TEMP_PREFIX, LocalStorage, atomic_write_file
 
-__all__ = ["LocalStorage", "PendingCheckpoint", "Storage", "TEMP_PREFIX", "check_name", "split_path"]
+__all__ = [
+    "TEMP_PREFIX",
+    "LocalStorage",
+    "PendingCheckpoint",
+    "Storage",
+    "atomic_write_file",
+    "check_name",
+    "split_path",
+]
 
 
 def split_path(path: str | os.PathLike[str]) -> tuple[Storage, str]:

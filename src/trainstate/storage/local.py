@@ -12,10 +12,12 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Iterable
-from typing import cast
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import BinaryIO, cast
 
 from trainstate.errors import (
+    CheckpointError,
     CheckpointExistsError,
     CheckpointLockedError,
     CheckpointNotFoundError,
@@ -24,7 +26,7 @@ from trainstate.errors import (
 )
 from trainstate.storage.base import Buffer, PendingCheckpoint, ReadableFile, Storage, check_name
 
-__all__ = ["LocalStorage", "TEMP_PREFIX"]
+__all__ = ["TEMP_PREFIX", "LocalStorage", "atomic_write_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,27 @@ def _remove(path: str) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+@contextmanager
+def atomic_write_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Write one plain file atomically (exports, conversions): a temporary sibling that is fsynced and
+    renamed over ``path``, then the directory fsynced; on any error ``path`` is left as it was."""
+    target = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(target)
+    tmp = os.path.join(parent, f"{TEMP_PREFIX}{os.path.basename(target)}-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(parent)
+    except BaseException as exc:
+        _remove(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
+            raise _write_error("writing", target, exc, outcome="nothing was replaced") from exc
+        raise
 
 
 class _LocalPending(PendingCheckpoint):
