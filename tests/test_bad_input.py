@@ -72,6 +72,19 @@ def expect_error(exc_type: type[CheckpointError], fn: Callable[[], Any], *needle
     pytest.fail(f"no error raised; expected {exc_type.__name__}")
 
 
+def assert_load_rejected(path: os.PathLike[str], exc_type: type[CheckpointError], *needles: object) -> None:
+    """A plain load and a load into a live model both raise ``exc_type`` naming ``needles``; the live
+    model keeps its weights and nothing on disk changes."""
+    parent = os.path.dirname(os.fspath(path))
+    before = disk_state(parent)
+    live = make_linear(1, 4, 2)
+    live_before = weights(live)
+    expect_error(exc_type, lambda: trainstate.load(path), *needles)
+    expect_error(exc_type, lambda: trainstate.load(path, {"model": live}), *needles)
+    assert_weights(live, live_before)
+    assert disk_state(parent) == before
+
+
 def make_linear(seed: int, *args: Any, **kwargs: Any) -> torch.nn.Linear:
     torch.manual_seed(seed)
     return torch.nn.Linear(*args, **kwargs)
@@ -258,13 +271,7 @@ def test_malformed_manifest(ckpt, damage):
     path, _ = ckpt
     manifest = path / MANIFEST_NAME
     manifest.write_bytes(damage(manifest.read_bytes()))
-    before = disk_state(path.parent)
-    live = make_linear(1, 4, 2)
-    live_before = weights(live)
-    expect_error(CorruptCheckpointError, lambda: trainstate.load(path), manifest)
-    expect_error(CorruptCheckpointError, lambda: trainstate.load(path, {"model": live}), manifest)
-    assert_weights(live, live_before)
-    assert disk_state(path.parent) == before
+    assert_load_rejected(path, CorruptCheckpointError, manifest)
 
 
 def _bad_names(tmp_path) -> dict[str, str]:
@@ -350,13 +357,7 @@ def test_tampered_tensor_ref_fields(ckpt, fields):
     """A ref whose dtype/shape/key disagree with the safetensors header (checksum valid) is corrupt."""
     path, _ = ckpt
     rewrite_manifest(path, lambda m: edit_ref(m, "model.weight", **fields))
-    before = disk_state(path.parent)
-    live = make_linear(1, 4, 2)
-    live_before = weights(live)
-    expect_error(CorruptCheckpointError, lambda: trainstate.load(path), path, "'model.weight'")
-    expect_error(CorruptCheckpointError, lambda: trainstate.load(path, {"model": live}), path, "'model.weight'")
-    assert_weights(live, live_before)
-    assert disk_state(path.parent) == before
+    assert_load_rejected(path, CorruptCheckpointError, path, "'model.weight'")
 
 
 def test_tampered_tensor_ref_device(ckpt):
@@ -393,13 +394,7 @@ def test_truncated_tensor_file(ckpt, keep):
         "minus_one": len(data) - 1,
     }[keep]
     tensor_file.write_bytes(data[:n])
-    before = disk_state(path.parent)
-    live = make_linear(1, 4, 2)
-    live_before = weights(live)
-    expect_error(CorruptCheckpointError, lambda: trainstate.load(path), tensor_file)
-    expect_error(CorruptCheckpointError, lambda: trainstate.load(path, {"model": live}), tensor_file)
-    assert_weights(live, live_before)
-    assert disk_state(path.parent) == before
+    assert_load_rejected(path, CorruptCheckpointError, tensor_file)
 
 
 @pytest.mark.parametrize("where", ["first_data_byte", "last_byte"])
@@ -408,13 +403,7 @@ def test_flipped_byte_in_data(ckpt, where):
     tensor_file = path / TENSOR_FILE
     offset = 8 + header_length(tensor_file) if where == "first_data_byte" else tensor_file.stat().st_size - 1
     flip_bit(tensor_file, offset)
-    before = disk_state(path.parent)
-    live = make_linear(1, 4, 2)
-    live_before = weights(live)
-    expect_error(CorruptCheckpointError, lambda: trainstate.load(path), tensor_file, "hash")
-    expect_error(CorruptCheckpointError, lambda: trainstate.load(path, {"model": live}), tensor_file, "hash")
-    assert_weights(live, live_before)
-    assert disk_state(path.parent) == before
+    assert_load_rejected(path, CorruptCheckpointError, tensor_file, "hash")
 
 
 def _header_offset(tensor_file, what: str) -> tuple[int, int]:
@@ -443,13 +432,7 @@ def test_flipped_byte_in_header(ckpt, what):
     offset, mask = _header_offset(tensor_file, what)
     assert offset < 8 + header_length(tensor_file)
     flip_bit(tensor_file, offset, mask)
-    before = disk_state(path.parent)
-    live = make_linear(1, 4, 2)
-    live_before = weights(live)
-    expect_error(CorruptCheckpointError, lambda: trainstate.load(path), tensor_file)
-    expect_error(CorruptCheckpointError, lambda: trainstate.load(path, {"model": live}), tensor_file)
-    assert_weights(live, live_before)
-    assert disk_state(path.parent) == before
+    assert_load_rejected(path, CorruptCheckpointError, tensor_file)
 
 
 @pytest.mark.parametrize("extra", [b"\0" * 8, b"x"])
@@ -458,13 +441,7 @@ def test_tensor_file_of_wrong_size(ckpt, extra):
     tensor_file = path / TENSOR_FILE
     with open(tensor_file, "ab") as f:
         f.write(extra)
-    before = disk_state(path.parent)
-    live = make_linear(1, 4, 2)
-    live_before = weights(live)
-    expect_error(CorruptCheckpointError, lambda: trainstate.load(path), tensor_file, "size")
-    expect_error(CorruptCheckpointError, lambda: trainstate.load(path, {"model": live}), tensor_file, "size")
-    assert_weights(live, live_before)
-    assert disk_state(path.parent) == before
+    assert_load_rejected(path, CorruptCheckpointError, tensor_file, "size")
 
 
 def test_tensor_file_missing(ckpt):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import trainstate
+from support import snapshot
 from trainstate.storage import TEMP_PREFIX, local
 
 INJECTED = (errno.ENOSPC, errno.EIO)
@@ -21,16 +22,6 @@ INJECTED = (errno.ENOSPC, errno.EIO)
 def state(step: int) -> dict:
     generator = torch.Generator().manual_seed(step)
     return {"a": torch.randn(64, 256, generator=generator), "b": torch.randn(70_000, generator=generator), "step": step}
-
-
-def files(directory) -> dict[str, bytes]:
-    out = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = f.read()
-    return out
 
 
 class FaultyOs(types.SimpleNamespace):
@@ -110,7 +101,7 @@ def test_every_failing_call_of_a_save_is_reported_and_loses_nothing(tmp_path, mo
         for code in INJECTED:
             directory = tmp_path / f"case-{index}-{code}"
             manager = _prepared(directory)
-            before = {n: files(directory / n) for n in ("step_00000001", "step_00000002")}
+            before = {n: snapshot(directory / n) for n in ("step_00000001", "step_00000002")}
             monkeypatch.setattr(local, "os", FaultyOs(index, code))
             if index < commit_calls:
                 with pytest.raises(trainstate.CheckpointWriteError) as caught:
@@ -121,7 +112,7 @@ def test_every_failing_call_of_a_save_is_reported_and_loses_nothing(tmp_path, mo
                 )
                 monkeypatch.setattr(local, "os", os)
                 assert manager.steps() == [1, 2]
-                assert {n: files(directory / n) for n in before} == before  # byte-identical
+                assert {n: snapshot(directory / n) for n in before} == before  # byte-identical
             else:  # retention after a successful commit: the save stands, deletion is retried later
                 assert manager.save(3, state(3)) is True
                 monkeypatch.setattr(local, "os", os)
@@ -159,11 +150,11 @@ def test_real_disk_full_on_a_small_filesystem(small_filesystem):
     small = {"w": torch.arange(50_000, dtype=torch.float32)}  # 200 kB
     manager.save(1, small)
     manager.save(2, small)
-    before = files(small_filesystem / "run")
+    before = snapshot(small_filesystem / "run")
     with pytest.raises(trainstate.CheckpointWriteError, match="No space left on device") as caught:
         manager.save(3, {"w": torch.zeros(400_000)})  # 1.6 MB: cannot fit
     assert caught.value.errno == errno.ENOSPC
-    assert files(small_filesystem / "run") == before and manager.steps() == [1, 2]
+    assert snapshot(small_filesystem / "run") == before and manager.steps() == [1, 2]
     assert not [e for e in os.listdir(small_filesystem / "run") if e.startswith(TEMP_PREFIX)]  # aborted in place
     manager.save(3, small)  # the space came back: usable
     restored = {"w": None}
