@@ -280,3 +280,29 @@ def test_environment_differences_are_reported(tmp_path, caplog):
         loader = Loader(4)
         assert mgr.restore({"loader": loader}) == 1 and loader.position == 3
     assert "dataloader_workers was {'loader': 2} when saved, is {'loader': 4} now" in caplog.text
+
+
+def test_restore_rescans_when_listed_checkpoints_vanish_during_the_scan(tmp_path, monkeypatch):
+    """Regression: a reader listed steps 1 and 2, a concurrent writer pruned both (after committing 3)
+    before their manifests were read; restore must look again, not report 'nothing to restore'."""
+    with CheckpointManager(tmp_path, keep_last=None) as writer:
+        for step in (1, 2, 3):
+            writer.save(step, model_state(step))
+    reader = CheckpointManager(tmp_path, lock_timeout=0)
+    real_list = type(reader._storage).list
+    calls = []
+
+    def stale_listing(self):
+        calls.append(1)
+        if len(calls) == 1:
+            names = ["step_00000001", "step_00000002"]
+            for name in names:
+                self.delete(name)  # pruned right after the listing
+            return names
+        return real_list(self)
+
+    monkeypatch.setattr(type(reader._storage), "list", stale_listing)
+    target = model_state(99)
+    assert reader.restore(target) == 3 and len(calls) >= 2
+    assert_same(target["model"].state_dict(), model_state(3)["model"].state_dict())
+    reader.close()

@@ -60,7 +60,7 @@ def parse_step_name(name: str) -> int | None:
 
 
 _SKIPPABLE = (CorruptCheckpointError, UnsupportedFormatError)
-_MAX_RESCANS = 5
+_MAX_RESCANS = 20
 
 
 @dataclass(frozen=True)
@@ -304,10 +304,9 @@ class CheckpointManager:
         if step is not None:
             return self._restore_step(step, state, map_location=map_location, strict=strict)
         for _ in range(_MAX_RESCANS):
-            self._scan()
+            vanished = self._scan()
             for name in self._broken:
                 logger.warning("%s: skipping %s: no valid committed manifest", self.directory, name)
-            vanished = False
             for candidate in reversed(self.steps()):
                 try:
                     return self._restore_step(candidate, state, map_location=map_location, strict=strict)
@@ -373,10 +372,12 @@ class CheckpointManager:
             self._storage.cleanup()
             self._scan()  # another writer may have committed while we were not holding the lock
 
-    def _scan(self) -> None:
-        """Rebuild the index from the committed manifests on disk."""
+    def _scan(self) -> bool:
+        """Rebuild the index from the committed manifests on disk; True if a checkpoint vanished
+        while it was being read (a concurrent writer's retention), so the picture may be stale."""
         index: dict[int, CheckpointInfo] = {}
         broken = []
+        vanished = False
         for name in self._storage.list():
             named_step = parse_step_name(name)
             if named_step is None:
@@ -388,11 +389,15 @@ class CheckpointManager:
                     raise CorruptCheckpointError(f"{name}: manifest says step {step}")
                 index[step] = CheckpointInfo(step, dict(metadata.get("metrics") or {}))
             except (CheckpointError, KeyError, TypeError) as exc:
+                if isinstance(exc, CheckpointNotFoundError) and not self._storage.exists(name):
+                    vanished = True
+                    continue
                 broken.append(name)
                 logger.debug("%s: %s is not a valid checkpoint: %s", self.directory, name, exc)
         with self._index_lock:
             self._index = index
         self._broken = broken
+        return vanished
 
     def _check_metrics(self, metrics: Mapping[str, Any] | None) -> dict[str, float]:
         if metrics is None:
