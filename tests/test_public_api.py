@@ -11,7 +11,6 @@ EXPECTED = {
     "CheckpointManager",
     "EarlyStopping",
     "ResumableSampler",
-    "SaveHandle",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "CorruptCheckpointError",

@@ -17,7 +17,7 @@ from trainstate.errors import (
     UnsupportedFormatError,
     UnsupportedValueError,
 )
-from trainstate.manager import CheckpointManager, EarlyStopping, SaveHandle
+from trainstate.manager import CheckpointManager, EarlyStopping
 from trainstate.rng import RNGState
 
 __all__ = [
@@ -31,7 +31,6 @@ __all__ = [
     "EarlyStopping",
     "RNGState",
     "ResumableSampler",
-    "SaveHandle",
     "StateMismatchError",
     "UnsafeCheckpointError",
     "UnsupportedFormatError",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from trainstate.format.manifest import FORMAT_VERSION, MANIFEST_NAME, FileEntry, Manifest
-from trainstate.format.reader import CheckpointReader, MapLocation, TensorLoader, read_manifest
+from trainstate.format.reader import CheckpointReader, MapLocation, TensorLoader
 from trainstate.format.writer import write_checkpoint
 
 __all__ = [
@@ -14,6 +14,5 @@ __all__ = [
     "Manifest",
     "MapLocation",
     "TensorLoader",
-    "read_manifest",
     "write_checkpoint",
 ]

@@ -27,7 +27,7 @@ from trainstate.format.tensorfile import (
 )
 from trainstate.storage.base import ReadableFile, Storage
 
-__all__ = ["CheckpointReader", "MapLocation", "Progress", "TensorLoader", "read_manifest"]
+__all__ = ["CheckpointReader", "MapLocation", "Progress", "TensorLoader"]
 
 logger = logging.getLogger(__name__)
 
@@ -355,8 +355,3 @@ class TensorLoader:
         for job in jobs:
             for final in job.finals:
                 final.copy_(job.target)
-
-
-def read_manifest(storage: Storage, name: str) -> Manifest:
-    """The validated manifest of checkpoint ``name``."""
-    return CheckpointReader(storage, name).manifest

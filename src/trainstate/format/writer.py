@@ -6,7 +6,6 @@ import datetime as _dt
 import logging
 import os
 import platform
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -95,7 +94,6 @@ def write_checkpoint(
     allow_pickle: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     where: str = "",
-    before_commit: Callable[[Manifest], None] | None = None,
 ) -> Manifest:
     """Encode ``state`` and write it through ``pending``, committing only if every file succeeded.
 
@@ -116,8 +114,6 @@ def write_checkpoint(
             trainstate_version=__version__,
             torch_version=torch.__version__,
         )
-        if before_commit is not None:
-            before_commit(manifest)
         pending.write(MANIFEST_NAME, [manifest.to_json()])
         pending.commit()
         return manifest

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainstate.manager.checkpoint_manager import CheckpointManager, SaveHandle, parse_step_name, step_name
+from trainstate.manager.checkpoint_manager import CheckpointManager, parse_step_name, step_name
 from trainstate.manager.early_stopping import EarlyStopping
 from trainstate.manager.policies import CheckpointInfo, KeepBest, KeepEvery, KeepLast, Retention, SaveTrigger
 from trainstate.manager.preemption import PreemptionHandler
@@ -16,7 +16,6 @@ __all__ = [
     "KeepLast",
     "PreemptionHandler",
     "Retention",
-    "SaveHandle",
     "SaveTrigger",
     "parse_step_name",
     "step_name",

@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -41,7 +40,7 @@ from trainstate.manager.preemption import PreemptionHandler
 from trainstate.manager.snapshot import capture
 from trainstate.storage import LocalStorage
 
-__all__ = ["CheckpointManager", "SaveHandle", "parse_step_name", "step_name"]
+__all__ = ["CheckpointManager", "parse_step_name", "step_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,20 +60,6 @@ def parse_step_name(name: str) -> int | None:
 
 _SKIPPABLE = (CorruptCheckpointError, UnsupportedFormatError)
 _MAX_RESCANS = 20
-
-
-@dataclass(frozen=True)
-class SaveHandle:
-    """A save in progress; `wait` blocks until it is committed and re-raises the writer's error."""
-
-    step: int
-    _future: Future[None]
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def wait(self) -> None:
-        self._future.result()
 
 
 class CheckpointManager:
@@ -148,7 +133,7 @@ class CheckpointManager:
         self._index: dict[int, CheckpointInfo] = {}
         self._broken: list[str] = []
         self._executor: ThreadPoolExecutor | None = None
-        self._inflight: SaveHandle | None = None
+        self._inflight: Future[None] | None = None
         self._requested_step: int | None = None
         self._last_save_time = time.monotonic()
         self._preemption = PreemptionHandler(preemption_signals) if preemption_signals else None
@@ -243,7 +228,7 @@ class CheckpointManager:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainstate-save")
         future = self._executor.submit(self._write, step, snapshot, metadata, env)
-        self._inflight = SaveHandle(step, future)
+        self._inflight = future
         if not self.async_save or preempted:
             self.wait()
         if preempted:
@@ -274,10 +259,10 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed; re-raises its error."""
-        handle, self._inflight = self._inflight, None
-        if handle is not None:
+        future, self._inflight = self._inflight, None
+        if future is not None:
             try:
-                handle.wait()
+                future.result()
             except BaseException:
                 self._requested_step = None
                 raise
