@@ -168,6 +168,9 @@ def restore(
     return result
 
 
+_IN_PLACE_TYPES = (torch.nn.Module, torch.optim.Optimizer)
+
+
 def _flatten(value: Any, path: Path, out: dict[Path, torch.Tensor]) -> None:
     if isinstance(value, torch.Tensor):
         out[path] = value
@@ -238,9 +241,10 @@ class _Restorer:
 
     def _live(self, node: Any, target: Any, path: Path) -> Any:
         live_state = target.state_dict()
-        current: dict[Path, torch.Tensor] = {}
-        _flatten(live_state, path, current)
-        self._destinations.update(current)
+        if isinstance(target, _IN_PLACE_TYPES):
+            # Their load_state_dict copies into (or adopts) these very tensors, so reading the bytes
+            # straight into them is the same result without a second copy of the state.
+            _flatten(live_state, path, self._destinations)
         decoded = self._decode(node, path)
         if isinstance(target, torch.nn.Module):
             decoded = self._check_module(decoded, live_state, path)
