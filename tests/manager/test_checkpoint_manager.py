@@ -306,3 +306,19 @@ def test_restore_rescans_when_listed_checkpoints_vanish_during_the_scan(tmp_path
     assert reader.restore(target) == 3 and len(calls) >= 2
     assert_same(target["model"].state_dict(), model_state(3)["model"].state_dict())
     reader.close()
+
+
+def test_a_failed_save_does_not_count_as_an_early_stopping_evaluation(tmp_path, monkeypatch):
+    from trainstate.storage import local
+
+    with CheckpointManager(tmp_path, monitor="val_loss", early_stopping=EarlyStopping(patience=2)) as mgr:
+        mgr.save(1, model_state(), {"val_loss": 1.0})
+        monkeypatch.setattr(
+            local._LocalPending, "write", lambda self, name, chunks: (_ for _ in ()).throw(OSError(5, "EIO"))
+        )
+        with pytest.raises(trainstate.CheckpointWriteError):
+            mgr.save(2, model_state(), {"val_loss": 2.0})
+        assert mgr.early_stopping.bad_evaluations == 0 and mgr.early_stopping.best == 1.0
+        monkeypatch.undo()
+        mgr.save(2, model_state(), {"val_loss": 2.0})
+        assert mgr.early_stopping.bad_evaluations == 1

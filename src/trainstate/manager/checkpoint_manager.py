@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -215,11 +216,14 @@ class CheckpointManager:
             return False
         clean_metrics = self._check_metrics(metrics)
         metadata: dict[str, Any] = {"step": step, "metrics": clean_metrics}
+        stopper = None
         if self.early_stopping is not None and self.monitor is not None:
+            # Counted on a copy, adopted once the save went through: a failed save counts nothing.
+            stopper = dataclasses.replace(self.early_stopping)
             value = metric_value(CheckpointInfo(step, clean_metrics), self.monitor)
             if value is not None:
-                self.early_stopping.update(value, self.mode)
-            metadata["early_stopping"] = self.early_stopping.state_dict()
+                stopper.update(value, self.mode)
+            metadata["early_stopping"] = stopper.state_dict()
         self._acquire()
         snapshot = capture(state) if self.async_save and not preempted else dict(state)
         env = {"dataloader_workers": _loader_workers(state)}
@@ -231,6 +235,8 @@ class CheckpointManager:
         self._inflight = future
         if not self.async_save or preempted:
             self.wait()
+        if stopper is not None and self.early_stopping is not None:  # async: errors surface on the next call
+            self.early_stopping.load_state_dict(stopper.state_dict())
         if preempted:
             self._preempted_save_done = True
             logger.warning(
