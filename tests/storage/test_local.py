@@ -160,3 +160,16 @@ def test_forked_children_do_not_keep_the_writer_lock(tmp_path):
         os.close(write_end)
         os.close(ready_read)
         os.waitpid(pid, 0)
+
+
+def test_a_checkpoint_writer_does_not_clean_up_a_single_file_being_written(tmp_path):
+    """Regression (seen when `trainstate export` and `convert` ran side by side in one directory): the
+    cleanup of a checkpoint writer removed the temporary file of an atomic single-file write."""
+    from trainstate.storage import atomic_write_file
+
+    with atomic_write_file(tmp_path / "weights.safetensors") as f:
+        f.write(b"part one, ")
+        trainstate.save(tmp_path / "ckpt", {"v": 1})  # takes the lock and cleans leftovers
+        f.write(b"part two")
+    assert (tmp_path / "weights.safetensors").read_bytes() == b"part one, part two"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "weights.safetensors"]

@@ -98,7 +98,8 @@ def atomic_write_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     renamed over ``path``, then the directory fsynced; on any error ``path`` is left as it was."""
     target = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(target)
-    tmp = os.path.join(parent, f"{TEMP_PREFIX}{os.path.basename(target)}-{uuid.uuid4().hex[:12]}")
+    # Not TEMP_PREFIX: a checkpoint writer's cleanup in the same directory must not take this file.
+    tmp = os.path.join(parent, f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex[:12]}")
     try:
         with open(tmp, "xb") as f:
             yield f
