@@ -62,7 +62,7 @@ def main() -> None:
         resumed, start = run(f"{tmp}/resumed", args.total_steps, args.save_every)
         console.print(
             f"[bold]3.[/] restarted: resumed from the checkpoint of step {start}, "
-            f"re-ran steps {start + 1}..{args.kill_at} and finished"
+            f"re-ran steps {start + 1}..{max(killed)} and finished"
         )
         combined = {**killed, **resumed}
 

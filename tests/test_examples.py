@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,5 +41,6 @@ def test_main_demo_kills_resumes_and_reports_identical():
         timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "resumed from the checkpoint of step 10" in out.stdout
+    resumed = re.search(r"resumed from the checkpoint of step (\d+)", out.stdout)
+    assert resumed and 10 <= int(resumed.group(1)) < 30  # killed after step 12 (or a little later)
     assert "identical: True" in out.stdout and "NO" not in out.stdout
