@@ -363,8 +363,8 @@ def render(args: argparse.Namespace, info: dict[str, Any], results: list[Result]
         ),
         (
             f"Directory: {root} ({fs_type(root)}); {os.cpu_count()} CPUs; torch {torch.__version__}, "
-            f"trainstate {trainstate.__version__} from {trainstate_source()}; median of {args.repeat} after {args.warmup} "
-            "discarded warm-up round(s), each run in a fresh process"
+            f"trainstate {trainstate.__version__} from {trainstate_source()}; "
+            f"median of {args.repeat} after {args.warmup} discarded warm-up round(s), each run in a fresh process"
         ),
         f"Reads: {reads}. Peak extra RSS: {info['rss_method']}, above the RSS once the live state is built.",
         "",

@@ -73,7 +73,7 @@ def main() -> None:
     uninterrupted = train(model, optimizer, 5)
     with tempfile.TemporaryDirectory() as tmp:
         resumed, resumed_model = resumed_run(f"{tmp}/checkpoint", live=args.live)
-    for epoch, (a, b) in enumerate(zip(uninterrupted, resumed), 1):
+    for epoch, (a, b) in enumerate(zip(uninterrupted, resumed, strict=True), 1):
         print(f"epoch {epoch}: uninterrupted {a:.10f}  resumed {b:.10f}")
     identical = uninterrupted == resumed and torch.equal(model.weight, resumed_model.weight)
     print(f"identical: {identical}")
