@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -110,22 +110,25 @@ def rewrite_manifest(ckpt: os.PathLike[str] | str, change: Callable[[Manifest], 
         f.write(change(manifest).to_json())
 
 
+def tensor_refs(node: Any) -> Iterator[dict[str, Any]]:
+    """Every tensor ref (a mutable dict) in a manifest tree."""
+    if isinstance(node, dict):
+        if node.get("@") == "tensor":
+            yield node
+        for child in node.values():
+            yield from tensor_refs(child)
+    elif isinstance(node, list):
+        for child in node:
+            yield from tensor_refs(child)
+
+
 def retarget(manifest: Manifest, new_name: str, *, in_files: bool, only_key: str | None = None) -> Manifest:
     """Point tensor refs (all, or the one whose safetensors key is ``only_key``) and optionally the
     file list entry of TENSOR_FILE at ``new_name``."""
     tree = json.loads(json.dumps(manifest.tree))
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("@") == "tensor" and node.get("file") == TENSOR_FILE and only_key in (None, node.get("key")):
-                node["file"] = new_name
-            for child in node.values():
-                walk(child)
-        elif isinstance(node, list):
-            for child in node:
-                walk(child)
-
-    walk(tree)
+    for ref in tensor_refs(tree):
+        if ref.get("file") == TENSOR_FILE and only_key in (None, ref.get("key")):
+            ref["file"] = new_name
     files = manifest.files
     if in_files:
         files = tuple(FileEntry(new_name, e.size, e.hash) if e.name == TENSOR_FILE else e for e in files)
@@ -135,21 +138,10 @@ def retarget(manifest: Manifest, new_name: str, *, in_files: bool, only_key: str
 def edit_ref(manifest: Manifest, st_key: str, /, **fields: Any) -> Manifest:
     """Change fields of the tensor ref stored under safetensors key ``st_key``."""
     tree = json.loads(json.dumps(manifest.tree))
-    found = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("@") == "tensor" and node.get("key") == st_key:
-                node.update(fields)
-                found.append(node)
-            for child in node.values():
-                walk(child)
-        elif isinstance(node, list):
-            for child in node:
-                walk(child)
-
-    walk(tree)
+    found = [ref for ref in tensor_refs(tree) if ref.get("key") == st_key]
     assert found, st_key
+    for ref in found:
+        ref.update(fields)
     return dataclasses.replace(manifest, tree=tree)
 
 
