@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import struct
+from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -45,7 +49,11 @@ def assert_same(a, b) -> None:
     assert type(a) is type(b), (type(a), type(b))
     if isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
+        assert a.requires_grad == b.requires_grad, "requires_grad differs"
         assert torch.equal(_bytes(a), _bytes(b)), "tensor bytes differ"
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)
+        assert a.tobytes() == b.tobytes(), "array bytes differ"
     elif isinstance(a, dict):
         assert list(a.keys()) == list(b.keys())
         for k in a:
@@ -54,11 +62,36 @@ def assert_same(a, b) -> None:
         assert len(a) == len(b)
         for x, y in zip(a, b, strict=False):
             assert_same(x, y)
-    elif isinstance(a, float) and a != a:
-        assert b != b
+    elif isinstance(a, float):
+        assert struct.pack("<d", a) == struct.pack("<d", b), (a, b)  # -0.0 and a NaN's sign/payload too
     else:
         assert a == b
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().contiguous().resolve_conj().resolve_neg().reshape(-1).view(torch.uint8)
+
+
+def tensor_refs(node: Any, path: tuple[Any, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Every tensor ref (a mutable dict) in a manifest tree, with its "key" and "device" made explicit
+    (format 2 omits them where they are the tensor's path and the CPU), ready to be tampered with."""
+    if isinstance(node, list):
+        for i, child in enumerate(node):
+            yield from tensor_refs(child, (*path, i))
+    if not isinstance(node, dict):
+        return
+    tag, inner = node.get("@"), node.get("v")
+    if tag == "tensor":
+        node.setdefault("key", ".".join(map(str, path)) or "<root>")
+        node.setdefault("device", "cpu")
+        yield node
+    elif tag == "stateful":
+        yield from tensor_refs(inner, path)
+    elif isinstance(inner, dict):
+        for key, child in inner.items():
+            yield from tensor_refs(child, (*path, key))
+    elif isinstance(inner, list):
+        yield from tensor_refs(inner, path)
+    elif isinstance(node.get("items"), list):
+        for key, child in node["items"]:
+            yield from tensor_refs(child, (*path, key))

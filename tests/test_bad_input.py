@@ -11,13 +11,14 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
 import trainstate
+from support import tensor_refs
 from trainstate import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -108,18 +109,6 @@ def rewrite_manifest(ckpt: os.PathLike[str] | str, change: Callable[[Manifest], 
         manifest = Manifest.from_json(f.read(), where=path)
     with open(path, "wb") as f:
         f.write(change(manifest).to_json())
-
-
-def tensor_refs(node: Any) -> Iterator[dict[str, Any]]:
-    """Every tensor ref (a mutable dict) in a manifest tree."""
-    if isinstance(node, dict):
-        if node.get("@") == "tensor":
-            yield node
-        for child in node.values():
-            yield from tensor_refs(child)
-    elif isinstance(node, list):
-        for child in node:
-            yield from tensor_refs(child)
 
 
 def retarget(manifest: Manifest, new_name: str, *, in_files: bool, only_key: str | None = None) -> Manifest:
@@ -249,7 +238,7 @@ def _json_array(data: bytes) -> bytes:
 
 
 def _edited_without_checksum(data: bytes) -> bytes:
-    edited = data.replace(b'"step": 3', b'"step": 4')
+    edited = data.replace(b'"step":3', b'"step":4')
     assert edited != data
     return edited
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from trainstate.errors import CheckpointError, CorruptCheckpointError, StateMismatchError, UnsupportedValueError
+from trainstate.errors import CorruptCheckpointError, StateMismatchError, UnsupportedValueError
 from trainstate.format.codec import TAG, Path, format_path, is_stateful
 from trainstate.format.reader import CheckpointReader, MapLocation, TensorLoader
 from trainstate.format.writer import DEFAULT_SHARD_BYTES, write_checkpoint
@@ -248,8 +248,27 @@ class _Restorer:
         decoded = self._decode(node, path)
         if isinstance(target, torch.nn.Module):
             decoded = self._check_module(decoded, live_state, path)
+        elif isinstance(target, torch.optim.Optimizer):
+            self._check_optimizer(decoded, live_state, path)
         self._pending.append((target, decoded, path))
         return target
+
+    def _check_optimizer(self, decoded: Any, expected: Mapping[str, Any], path: Path) -> None:
+        """What ``Optimizer.load_state_dict`` would refuse, refused before any byte is read in place."""
+        groups = decoded.get("param_groups") if isinstance(decoded, dict) else None
+        if not isinstance(groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
+        ):
+            raise StateMismatchError(
+                f"{self._reader.where}: key {format_path(path)!r}: saved value is not an optimizer state dict"
+            )
+        saved = [len(g["params"]) for g in groups]
+        live = [len(g["params"]) for g in expected["param_groups"]]
+        if saved != live:
+            raise StateMismatchError(
+                f"{self._reader.where}: key {format_path(path)!r}: the checkpoint's optimizer has parameter groups "
+                f"of sizes {saved}, the live one {live}; build the optimizer over the same parameters and groups"
+            )
 
     def _check_module(self, decoded: Any, expected: Mapping[str, Any], path: Path) -> Any:
         if not isinstance(decoded, dict):
@@ -266,10 +285,15 @@ class _Restorer:
             if not (isinstance(saved, torch.Tensor) and isinstance(live, torch.Tensor)):
                 continue
             if saved.shape != live.shape or saved.dtype != live.dtype:
-                self._mismatch(
+                what = (
                     f"key {format_path((*path, key))!r}: {saved.dtype}{list(saved.shape)} in the checkpoint, "
                     f"{live.dtype}{list(live.shape)} in the live object"
                 )
+                if saved.shape == live.shape and not self._strict:
+                    # As load_state_dict itself would: the values are copied with a cast.
+                    logger.warning("%s: %s: cast to %s (strict=False)", self._reader.where, what, live.dtype)
+                    continue
+                self._mismatch(what)
                 del decoded[key]
         return decoded
 
@@ -279,16 +303,20 @@ class _Restorer:
         logger.warning("%s: %s (ignored, strict=False)", self._reader.where, message)
 
     def apply(self) -> None:
-        for target, decoded, path in self._pending:
+        """Hand each live object its state: modules and optimizers first (their structure was checked
+        against the checkpoint already), then the rest, whose own load_state_dict is the only judge."""
+        pending = sorted(self._pending, key=lambda item: not isinstance(item[0], _IN_PLACE_TYPES))
+        for done, (target, decoded, path) in enumerate(pending):
             try:
                 if isinstance(target, torch.nn.Module):
                     target.load_state_dict(decoded, strict=self._strict)
                 else:
                     target.load_state_dict(decoded)
-            except CheckpointError:
-                raise
             except Exception as exc:
+                restored = ", ".join(format_path(p) for _, _, p in pending[:done]) or "none"
+                untouched = ", ".join(format_path(p) for _, _, p in pending[done + 1 :]) or "none"
+                detail = f"{exc}".replace("\n", " ")
                 raise StateMismatchError(
                     f"{self._reader.where}: key {format_path(path)!r}: {type(target).__name__}.load_state_dict "
-                    f"rejected the saved state: {exc}".replace("\n", " ")
+                    f"rejected the saved state ({detail}); already restored: {restored}; not restored: {untouched}"
                 ) from exc

@@ -208,6 +208,7 @@ def need(sources: dict[str, Path], kind: str) -> Path:
 def edit_manifest(checkpoint: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     """Apply ``edit`` to every object node of a checkpoint's manifest tree and rewrite the manifest with a
     valid checksum: a checkpoint whose manifest says something its files do not."""
+    from support import tensor_refs
     from trainstate.format import MANIFEST_NAME, Manifest
 
     path = checkpoint / MANIFEST_NAME
@@ -222,5 +223,6 @@ def edit_manifest(checkpoint: Path, edit: Callable[[dict[str, Any]], None]) -> N
             for child in node:
                 walk(child)
 
+    list(tensor_refs(manifest.tree))  # every field of a tensor ref explicit, so edits can match them
     walk(manifest.tree)
     path.write_bytes(manifest.to_json())

@@ -40,6 +40,7 @@ def test_every_file_and_directory_is_fsynced_in_commit_order(tmp_path, monkeypat
     if replace:
         pending = storage.begin("ckpt")
         pending.write("old.bin", [b"old"])
+        pending.write("manifest.json", [b"{}"])
         pending.commit()
     events = _recorder(monkeypatch)
     pending = storage.begin("ckpt")

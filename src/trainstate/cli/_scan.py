@@ -15,7 +15,7 @@ from trainstate.errors import CheckpointError, CheckpointNotFoundError
 from trainstate.format import MANIFEST_NAME, CheckpointReader, Manifest
 from trainstate.format.codec import format_path
 from trainstate.format.tensorfile import HeaderEntry, dtype_from_name, stored_as
-from trainstate.manager import parse_step_name
+from trainstate.manager import checkpoint_info, parse_step_name
 from trainstate.storage import TEMP_PREFIX, LocalStorage, Storage, split_path
 
 __all__ = ["Entry", "Scan", "open_checkpoint", "scan", "verify_entry"]
@@ -27,7 +27,7 @@ class Entry:
 
     name: str
     path: str
-    status: str  # "ok", "corrupt" or "incomplete"
+    status: str  # "ok", "corrupt", "incomplete" or "unreadable"
     problem: str = ""
     step: int | None = None
     manifest: Manifest | None = None
@@ -104,8 +104,13 @@ def _entry(storage: Storage, name: str) -> Entry | None:
     step = parse_step_name(name)
     mtime = os.lstat(path).st_mtime
     entry = Entry(name=name, path=path, status="ok", step=step, size=_disk_size(path), mtime=mtime)
-    if not os.path.lexists(os.path.join(path, MANIFEST_NAME)):
-        if step is None and not any(f.endswith(".safetensors") for f in os.listdir(path)):
+    try:
+        files = os.listdir(path)
+    except OSError as exc:  # e.g. permission denied: we cannot tell what it holds
+        entry.status, entry.problem = "unreadable", f"{path}: cannot read it: {os.strerror(exc.errno or 0)}"
+        return entry
+    if MANIFEST_NAME not in files:
+        if step is None and not any(f.endswith(".safetensors") for f in files):
             return None  # an unrelated directory (logs, plots), not a checkpoint
         entry.status, entry.problem = "incomplete", f"{path}: no {MANIFEST_NAME} (never committed)"
         return entry
@@ -116,11 +121,17 @@ def _entry(storage: Storage, name: str) -> Entry | None:
     except CheckpointError as exc:
         entry.status, entry.problem = "corrupt", str(exc)
         return entry
+    except OSError as exc:
+        entry.status, entry.problem = "unreadable", f"{path}: cannot read it: {exc}"
+        return entry
     entry.metadata = metadata if isinstance(metadata, dict) else {}
     saved_step = entry.metadata.get("step")
-    if step is not None and saved_step is not None and saved_step != step:
-        entry.status, entry.problem = "corrupt", f"{path}: manifest says step {saved_step!r}, the name says {step}"
-    elif step is None and type(saved_step) is int:
+    if step is not None:
+        try:  # the manager's own definition of a valid checkpoint of its directory
+            checkpoint_info(name, metadata, where=path)
+        except CheckpointError as exc:
+            entry.status, entry.problem = "corrupt", str(exc)
+    elif type(saved_step) is int:
         entry.step = saved_step
     return entry
 
@@ -184,7 +195,7 @@ def verify_entry(reader: CheckpointReader, advance: Callable[[int], None] = lamb
             if not isinstance(value, TensorRef):
                 continue
             key = format_path(path)
-            stored_key = value.node.get("key")
+            stored_key = value.node.get("key", key)
             if value.file not in listed:
                 problems.append(
                     f"{reader.where}: key {key!r}: refers to file {value.file!r} the manifest does not list"

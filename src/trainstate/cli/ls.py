@@ -27,7 +27,7 @@ Examples:
   trainstate ls runs/exp1 --verify --json | jq '.[] | select(.status != "ok")'
 """
 
-_STATUS_STYLE = {"ok": "green", "corrupt": "bold red", "incomplete": "yellow"}
+_STATUS_STYLE = {"ok": "green", "corrupt": "bold red", "incomplete": "yellow", "unreadable": "bold red"}
 
 
 def _best_monitor(found: Scan, monitor: str | None) -> str | None:

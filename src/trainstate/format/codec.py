@@ -12,6 +12,7 @@ import base64
 import math
 import pickle
 import re
+import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,9 +20,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
 from trainstate.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, UnsupportedValueError
-from trainstate.format.tensorfile import dtype_from_name, dtype_name
+from trainstate.format.tensorfile import MAX_NDIM, dtype_from_name, dtype_name
 
 __all__ = [
     "Codec",
@@ -30,6 +32,7 @@ __all__ = [
     "TensorSink",
     "TensorSource",
     "format_path",
+    "is_plain_str",
     "is_stateful",
     "qualified_type",
 ]
@@ -82,7 +85,9 @@ class Encoder:
 
     def _encode(self, value: Any, path: Path) -> Any:
         kind = type(value)
-        if kind is str or kind is bool or value is None:
+        if kind is str:
+            return _encode_str(value)
+        if kind is bool or value is None:
             return value
         codec = _BY_TYPE.get(kind) or _by_isinstance(value)
         if codec is None and is_stateful(value):
@@ -121,6 +126,10 @@ class Decoder:
         self._depth += 1
         try:
             return self._decode(node, path)
+        except _SourceError as wrapped:
+            if self._depth > 1:
+                raise
+            raise wrapped.error from None  # the original, with its own traceback
         finally:
             self._depth -= 1
 
@@ -145,7 +154,22 @@ class Decoder:
     def tensor(self, node: dict[str, Any], path: Path) -> torch.Tensor:
         if self.source is None:
             raise CorruptCheckpointError(f"{self.where}: {format_path(path)}: tensor reference where none is allowed")
-        return self.source.get(node, path)
+        try:
+            return self.source.get(node, path)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            # Not about the checkpoint's bytes (out of memory, a map_location that raises, a device
+            # that is not here): it must reach the caller as it is, never pass for corruption.
+            raise _SourceError(exc) from None
+
+
+class _SourceError(Exception):
+    """Carries an error of the tensor source through the decoder's malformed-value handling."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -158,6 +182,29 @@ class Codec:
     decode: Callable[[dict[str, Any], Path, Decoder], Any]
 
 
+def is_plain_str(text: str) -> bool:
+    """Whether ``text`` is valid Unicode for JSON (no lone surrogates, as ``os.listdir`` can return)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _encode_str(text: str) -> Any:
+    return text if is_plain_str(text) else {TAG: "str", "v": _b64encode(text.encode("utf-8", "surrogatepass"))}
+
+
+def _decode_str(node: dict[str, Any], path: Path, dec: Decoder) -> str:
+    return _b64(node).decode("utf-8", "surrogatepass")
+
+
 def _key(key: Any, path: Path, enc: Encoder) -> Any:
     if isinstance(key, (torch.Tensor, np.ndarray)):
         raise UnsupportedValueError(
@@ -168,7 +215,7 @@ def _key(key: Any, path: Path, enc: Encoder) -> Any:
 
 def _encode_dict(value: dict[Any, Any], path: Path, enc: Encoder) -> dict[str, Any]:
     tag = "odict" if type(value) is OrderedDict else "dict"
-    if all(type(k) is str for k in value):
+    if all(type(k) is str and is_plain_str(k) for k in value):
         node = {TAG: tag, "v": {k: enc.encode(v, (*path, k)) for k, v in value.items()}}
     else:
         node = {TAG: tag, "items": [[_key(k, path, enc), enc.encode(v, (*path, k))] for k, v in value.items()]}
@@ -199,24 +246,46 @@ def _decode_dict(node: dict[str, Any], path: Path, dec: Decoder) -> dict[Any, An
 
 
 def _encode_int(value: int, path: Path, enc: Encoder) -> Any:
-    return value if -_SAFE_INT < value < _SAFE_INT else {TAG: "int", "v": str(value)}
+    # Hexadecimal: Python limits decimal conversion to 4300 digits, power-of-two bases have no limit.
+    return value if -_SAFE_INT < value < _SAFE_INT else {TAG: "int", "v": hex(value)}
+
+
+_CANONICAL_NAN = struct.pack("<d", math.nan)
 
 
 def _encode_float(value: float, path: Path, enc: Encoder) -> Any:
-    return value if math.isfinite(value) else {TAG: "float", "v": repr(value)}
+    if math.isfinite(value):
+        return value
+    node = {TAG: "float", "v": repr(value)}
+    bits = struct.pack("<d", value)
+    if math.isnan(value) and bits != _CANONICAL_NAN:  # a NaN's sign and payload are data too
+        node["bits"] = bits.hex()
+    return node
 
 
 def _decode_float(node: dict[str, Any], path: Path, dec: Decoder) -> float:
     if node["v"] not in ("nan", "inf", "-inf"):
         raise ValueError(f"not a non-finite float: {node['v']!r}")
-    return float(node["v"])
+    if "bits" not in node:
+        return float(node["v"])
+    bits = bytes.fromhex(node["bits"])
+    (value,) = struct.unpack("<d", bits)
+    if node["v"] != "nan" or not math.isnan(value):
+        raise ValueError("bits must encode a NaN")
+    return float(value)
+
+
+_HEX_INT = re.compile(r"-?0x[0-9a-f]+")
+_DECIMAL_INT = re.compile(r"-?[0-9]{1,4300}")  # format 1 wrote decimal; int() parses up to 4300 digits
 
 
 def _decode_big_int(node: dict[str, Any], path: Path, dec: Decoder) -> int:
     text = node["v"]
-    if not isinstance(text, str) or len(text) > 4000:
-        raise ValueError("int must be a decimal string")
-    return int(text)
+    if isinstance(text, str) and _HEX_INT.fullmatch(text):
+        return int(text, 16)
+    if isinstance(text, str) and _DECIMAL_INT.fullmatch(text):
+        return int(text)
+    raise ValueError("int must be a hexadecimal or decimal string")
 
 
 def _b64(node: dict[str, Any]) -> bytes:
@@ -228,22 +297,43 @@ def _encode_tensor(value: torch.Tensor, path: Path, enc: Encoder) -> dict[str, A
         raise UnsupportedValueError(
             f"{enc.where}{format_path(path)}: {value.layout} tensors are not supported; call .to_dense()"
         )
+    if value.is_nested:
+        raise UnsupportedValueError(
+            f"{enc.where}{format_path(path)}: nested tensors are not supported; save tensor.unbind() (a list) instead"
+        )
+    if isinstance(value, UninitializedTensorMixin):
+        raise UnsupportedValueError(
+            f"{enc.where}{format_path(path)}: uninitialized lazy parameter (LazyLinear...); "
+            "run one forward pass before saving so it has a shape"
+        )
     if value.is_quantized or value.device.type == "meta":
         raise UnsupportedValueError(
             f"{enc.where}{format_path(path)}: {'quantized' if value.is_quantized else 'meta'} tensors cannot be saved"
         )
+    if value.dim() > MAX_NDIM:
+        raise UnsupportedValueError(
+            f"{enc.where}{format_path(path)}: {value.dim()} dimensions; at most {MAX_NDIM} are supported"
+        )
     ref = enc.tensor(value, path)
     if isinstance(value, torch.nn.Parameter):
-        ref = {**ref, "param": True, "requires_grad": value.requires_grad}
+        return {**ref, "param": True, "requires_grad": value.requires_grad}
+    if value.requires_grad:
+        return {**ref, "requires_grad": True}
     return ref
 
 
 def _encode_ndarray(value: np.ndarray, path: Path, enc: Encoder) -> dict[str, Any]:
+    if type(value) is not np.ndarray and not isinstance(value, np.memmap):
+        # A subclass carries more than its data (a masked array's mask, np.matrix's semantics).
+        raise UnsupportedValueError(
+            f"{enc.where}{format_path(path)}: numpy {type(value).__module__}.{type(value).__qualname__} is not "
+            "supported (it would load as a plain ndarray); save its parts (e.g. .data and .mask) as arrays"
+        )
     if value.dtype.hasobject or value.dtype.fields is not None or value.dtype.kind not in "biufc":
         raise UnsupportedValueError(
             f"{enc.where}{format_path(path)}: numpy arrays of dtype {value.dtype} are not supported"
         )
-    array = np.ascontiguousarray(value)
+    array = np.asarray(value) if value.flags.c_contiguous else value.copy(order="C")  # keeps 0-d arrays 0-d
     node: dict[str, Any] = {"np_dtype": value.dtype.str}
     if not value.dtype.isnative:
         # Stored as raw bytes so that decoding is a zero-copy view (tensors are filled after decoding).
@@ -285,7 +375,7 @@ def _encode_npscalar(value: np.generic, path: Path, enc: Encoder) -> dict[str, A
         raise UnsupportedValueError(
             f"{enc.where}{format_path(path)}: numpy scalars of dtype {value.dtype} are not supported"
         )
-    return {TAG: "npscalar", "dtype": value.dtype.str, "v": base64.b64encode(value.tobytes()).decode()}
+    return {TAG: "npscalar", "dtype": value.dtype.str, "v": _b64encode(value.tobytes())}
 
 
 def _decode_npscalar(node: dict[str, Any], path: Path, dec: Decoder) -> np.generic:
@@ -340,11 +430,10 @@ _CODECS = [
     Codec(
         "list", (list,), lambda v, p, e: [e.encode(x, (*p, i)) for i, x in enumerate(v)], lambda n, p, d: _malformed()
     ),
+    Codec("str", (), lambda v, p, e: _encode_str(v), _decode_str),
     Codec("int", (int,), _encode_int, _decode_big_int),
     Codec("float", (float,), _encode_float, _decode_float),
-    Codec(
-        "bytes", (bytes,), lambda v, p, e: {TAG: "bytes", "v": base64.b64encode(v).decode()}, lambda n, p, d: _b64(n)
-    ),
+    Codec("bytes", (bytes,), lambda v, p, e: {TAG: "bytes", "v": _b64encode(v)}, lambda n, p, d: _b64(n)),
     Codec(
         "size",
         (torch.Size,),

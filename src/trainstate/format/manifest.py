@@ -14,13 +14,14 @@ from typing import Any
 
 from trainstate.errors import CorruptCheckpointError, UnsupportedFormatError
 from trainstate.format.hashing import HASH_ALGORITHM, new_hasher
-from trainstate.storage.base import check_name
+from trainstate.storage.base import MANIFEST_NAME, check_name
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "FileEntry", "Manifest"]
 
 FORMAT_NAME = "trainstate"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 2
+"""Version 2: compact JSON; tensor references omit their key when it is their path, and a CPU device.
+Version 1 checkpoints load unchanged."""
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 _TRAILER = re.compile(rb',\n "checksum": "([0-9a-f]{32})"\n}\n\Z')
 _TRAILER_LEN = len(b',\n "checksum": ""\n}\n') + 32
@@ -68,9 +69,10 @@ class Manifest:
             "files": [{"name": f.name, "size": f.size, "hash": f.hash} for f in self.files],
             "tree": self.tree,
         }
-        text = json.dumps(body, indent=1, ensure_ascii=False, allow_nan=False).encode()
-        assert text.endswith(b"\n}")
-        prefix = text[:-2]
+        # Compact: indentation alone made a large model's manifest several times bigger.
+        text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        assert text.endswith(b"}")
+        prefix = text[:-1]
         return prefix + b',\n "checksum": "' + _checksum(prefix).encode() + b'"\n}\n'
 
     @classmethod

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -27,7 +29,7 @@ from trainstate.format.tensorfile import (
 )
 from trainstate.storage.base import ReadableFile, Storage
 
-__all__ = ["CheckpointReader", "MapLocation", "Progress", "TensorLoader"]
+__all__ = ["CheckpointReader", "MapLocation", "Progress", "TensorLoader", "open_file_budget"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +55,7 @@ class CheckpointReader:
             raise CheckpointNotFoundError(f"{self.where}: no {MANIFEST_NAME}; not a committed trainstate checkpoint")
         where = os.path.join(self.where, MANIFEST_NAME)
         with storage.open(name, MANIFEST_NAME) as f:
-            fileno = getattr(f, "fileno", None)
-            size = os.fstat(fileno()).st_size if fileno else storage.size(name, MANIFEST_NAME)
+            size = _opened_size(f, lambda: storage.size(name, MANIFEST_NAME))
             if size > MAX_MANIFEST_BYTES:
                 raise CorruptCheckpointError(f"{where}: manifest is {size} bytes, over the {MAX_MANIFEST_BYTES} cap")
             data = bytearray(size)
@@ -70,14 +71,17 @@ class CheckpointReader:
             )
         return entry
 
-    def open_checked(self, entry: FileEntry) -> ReadableFile:
-        """The open handle of a data file, its size checked against the manifest; owned by the reader.
+    @contextmanager
+    def opened(self, entry: FileEntry) -> Iterator[ReadableFile]:
+        """A data file opened at offset 0, its size checked against the manifest.
 
         The first call opens *every* data file at once and keeps them open until `close`, so a
         checkpoint deleted by retention while it is being read stays readable through its handles.
+        A checkpoint with more files than a quarter of the open-file limit is opened one file at a
+        time instead (a concurrent deletion then fails the read with CheckpointNotFoundError).
         """
         with self._handles_lock:
-            if self._handles is None:
+            if self._handles is None and len(self.manifest.files) <= open_file_budget():
                 handles: dict[str, ReadableFile] = {}
                 try:
                     for item in self.manifest.files:
@@ -87,14 +91,20 @@ class CheckpointReader:
                         handle.close()
                     raise
                 self._handles = handles
-        f = self._handles[entry.name]
-        f.seek(0)
-        return f
+            held = self._handles.get(entry.name) if self._handles is not None else None
+        if held is not None:
+            held.seek(0)
+            yield held
+            return
+        f = self._open_sized(entry)
+        try:
+            yield f
+        finally:
+            f.close()
 
     def _open_sized(self, entry: FileEntry) -> ReadableFile:
         f = self.storage.open(self.name, entry.name)
-        fileno = getattr(f, "fileno", None)
-        actual = os.fstat(fileno()).st_size if fileno else self.storage.size(self.name, entry.name)
+        actual = _opened_size(f, lambda: self.storage.size(self.name, entry.name))
         if actual != entry.size:
             f.close()
             raise CorruptCheckpointError(
@@ -149,7 +159,23 @@ class CheckpointReader:
         return self.decode(self.manifest.metadata, None)
 
 
+def _opened_size(f: ReadableFile, by_name: Callable[[], int]) -> int:
+    """The size of the file behind ``f`` (fstat, immune to a rename under us), else by its name."""
+    try:
+        return os.fstat(f.fileno()).st_size  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return by_name()
+
+
+def open_file_budget() -> int:
+    """How many data files one reader may hold open at once: a quarter of the soft open-file limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1024 if soft == resource.RLIM_INFINITY else max(8, min(1024, soft // 4))
+
+
 def _available(device: torch.device) -> bool:
+    if device.type == "meta":
+        return True
     if device.type == "cuda":
         return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
     if device.type == "mps":
@@ -180,6 +206,13 @@ class _Job:
     target: torch.Tensor  # CPU, contiguous: the bytes are read straight into it
     in_place: bool
     finals: list[torch.Tensor] = field(default_factory=list)  # device copies filled after the read
+    wrappers: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)  # Parameters etc. handed out
+
+
+def _wrap(tensor: torch.Tensor, param: bool, requires_grad: bool) -> torch.Tensor:
+    if param:
+        return torch.nn.Parameter(tensor, requires_grad=requires_grad)
+    return tensor.detach().requires_grad_(requires_grad) if requires_grad else tensor
 
 
 class TensorLoader:
@@ -209,16 +242,16 @@ class TensorLoader:
 
     def _header(self, entry: FileEntry) -> dict[str, HeaderEntry]:
         if entry.name not in self._headers:
-            f = self._reader.open_checked(entry)
-            _, self._headers[entry.name] = read_header(
-                f, entry.size, where=os.path.join(self._reader.where, entry.name)
-            )
+            with self._reader.opened(entry) as f:
+                _, self._headers[entry.name] = read_header(
+                    f, entry.size, where=os.path.join(self._reader.where, entry.name)
+                )
         return self._headers[entry.name]
 
     def get(self, ref: dict[str, Any], path: Path) -> torch.Tensor:
         where = f"key {format_path(path)!r}"
         entry = self._reader.file(ref.get("file"), where=where)  # type: ignore[arg-type]
-        key, shape_raw = ref.get("key"), ref.get("shape")
+        key, shape_raw = ref.get("key", format_path(path)), ref.get("shape")
         if not isinstance(key, str):
             raise CorruptCheckpointError(f"{self._reader.where}: {where}: invalid tensor key {key!r}")
         dtype = dtype_from_name(ref.get("dtype"), where=f"{self._reader.where}: {where}")
@@ -235,11 +268,17 @@ class TensorLoader:
                 f"{file_where}: {where}: stored as {stored.st_dtype}{list(stored.shape)}, "
                 f"manifest says {dtype}{list(shape)}"
             )
+        device = self._device_for(ref.get("device", "cpu"), where=where)
+        param = bool(ref.get("param"))
+        requires_grad = bool(ref.get("requires_grad", param))
+        if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
+            raise CorruptCheckpointError(f"{self._reader.where}: {where}: a {dtype} tensor cannot require grad")
+        if device is not None and device.type == "meta":  # as torch.load(map_location="meta"): no data read
+            return _wrap(torch.empty(shape, dtype=dtype, device="meta"), param, requires_grad)
         jobs = self._jobs.setdefault(entry.name, {})
         job = jobs.get(key)
         if job is None:
             job = jobs[key] = self._new_job(stored, dtype, shape, path)
-        device = self._device_for(ref.get("device", "cpu"), where=where)
         tensor = job.target
         if device is not None and device != tensor.device:
             tensor = next((t for t in job.finals if t.device == device), None) or torch.empty(
@@ -247,12 +286,13 @@ class TensorLoader:
             )
             if all(t is not tensor for t in job.finals):
                 job.finals.append(tensor)
-        if ref.get("param"):
-            requires_grad = bool(ref.get("requires_grad", True))
-            if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
-                raise CorruptCheckpointError(f"{self._reader.where}: {where}: a {dtype} parameter cannot require grad")
-            tensor = torch.nn.Parameter(tensor, requires_grad=requires_grad)
-        return tensor
+        if not (param or requires_grad):
+            return tensor
+        # One object per saved tensor: the same Parameter saved twice comes back as one Parameter.
+        wrapper = job.wrappers.get((tensor.device, param, requires_grad))
+        if wrapper is None:
+            wrapper = job.wrappers[(tensor.device, param, requires_grad)] = _wrap(tensor, param, requires_grad)
+        return wrapper
 
     def _new_job(self, stored: HeaderEntry, dtype: torch.dtype, shape: tuple[int, ...], path: Path) -> _Job:
         dest = self._destinations(path) if self._destinations else None
@@ -335,21 +375,21 @@ class TensorLoader:
         covered = sum(j.entry.end - j.entry.start for j in jobs)
         header_len = jobs[0].entry.start if jobs else 0
         stream_hash = verify and jobs and header_len + covered == entry.size
-        f = self._reader.open_checked(entry)
-        if verify and not stream_hash:
-            _hash_stream(f, entry, where)
-        f.seek(0)
         hasher = new_hasher() if stream_hash else None
-        if hasher is not None:
-            head = bytearray(header_len)
-            read_exact_into(f, memoryview(head), where=where)
-            hasher.update(head)
-        for job in jobs:
-            f.seek(job.entry.start)
-            view = byte_view(job.target)
-            read_exact_into(f, view, where=where)
+        with self._reader.opened(entry) as f:
+            if verify and not stream_hash:
+                _hash_stream(f, entry, where)
+                f.seek(0)
             if hasher is not None:
-                hasher.update(view)
+                head = bytearray(header_len)
+                read_exact_into(f, memoryview(head), where=where)
+                hasher.update(head)
+            for job in jobs:
+                f.seek(job.entry.start)
+                view = byte_view(job.target)
+                read_exact_into(f, view, where=where)
+                if hasher is not None:
+                    hasher.update(view)
         if hasher is not None and hasher.hexdigest() != entry.hash:
             raise CorruptCheckpointError(f"{where}: content hash mismatch (the file is damaged or was modified)")
         for job in jobs:

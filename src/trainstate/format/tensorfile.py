@@ -22,6 +22,7 @@ from trainstate.format.hashing import Hasher
 from trainstate.storage.base import ReadableFile
 
 __all__ = [
+    "MAX_NDIM",
     "HeaderEntry",
     "valid_shape",
     "alias_key",
@@ -88,7 +89,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 # Read from the module's own namespace: getattr(torch, name) could import submodules lazily.
 _DTYPES: dict[str, torch.dtype] = {name: v for name, v in vars(torch).items() if isinstance(v, torch.dtype)}
-_MAX_NDIM = 64
+MAX_NDIM = 1024
+"""Most dimensions a tensor may have; `save` refuses more, and readers enforce the same limit."""
 _INT64_MAX = 2**63 - 1
 
 
@@ -102,7 +104,7 @@ def dtype_from_name(name: object, *, where: str) -> torch.dtype:
 
 def valid_shape(shape: object) -> TypeGuard[list[int]]:
     """A list of non-negative ints whose strides fit in int64 (also when another dim is 0)."""
-    if not isinstance(shape, list) or len(shape) > _MAX_NDIM:
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         return False
     extent = 1
     for dim in shape:
@@ -124,6 +126,8 @@ def alias_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
         tuple(tensor.shape),
         tuple(tensor.stride()),
         tensor.dtype,
+        tensor.is_conj(),
+        tensor.is_neg(),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import platform
@@ -12,10 +13,10 @@ from typing import Any
 import torch
 
 from trainstate._version import __version__
-from trainstate.errors import CheckpointError, CheckpointWriteError
-from trainstate.format.codec import TAG, Encoder, Path, format_path
+from trainstate.errors import CheckpointError, CheckpointWriteError, UnsupportedValueError
+from trainstate.format.codec import TAG, Encoder, Path, format_path, is_plain_str
 from trainstate.format.hashing import new_hasher
-from trainstate.format.manifest import MANIFEST_NAME, FileEntry, Manifest
+from trainstate.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest
 from trainstate.format.tensorfile import alias_key, dtype_name, encode_file
 from trainstate.storage.base import PendingCheckpoint
 
@@ -42,8 +43,21 @@ def environment() -> dict[str, Any]:
     }
 
 
+_RESERVED_KEYS = frozenset({"__metadata__"})  # the safetensors header's own entry
+
+
+def _file_key(path: Path) -> str:
+    """The safetensors key of a tensor: its path, made valid UTF-8 (keys with lone surrogates)."""
+    key = format_path(path)
+    return key if is_plain_str(key) else key.encode("utf-8", "backslashreplace").decode()
+
+
 class _ShardPlanner:
-    """Tensor sink: assigns each distinct tensor a unique key and a shard; aliases are stored once."""
+    """Tensor sink: assigns each distinct tensor a unique key and a shard; aliases are stored once.
+
+    A reference names its key only where it differs from the tensor's path (collisions, aliases):
+    the path is already in the tree, and repeating it doubled the manifest of a large model.
+    """
 
     def __init__(self, shard_bytes: int) -> None:
         self.shards: list[list[tuple[str, torch.Tensor]]] = []
@@ -51,15 +65,15 @@ class _ShardPlanner:
         self._fill = 0
         self._keys: set[str] = set()
         self._aliases: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._alive: list[torch.Tensor] = []
         self._entry: Any = None
 
     def add(self, path: Path, tensor: torch.Tensor) -> dict[str, Any]:
         alias = alias_key(tensor)
-        if alias is not None:
-            if alias in self._aliases:
-                return self._aliases[alias]
-        key = format_path(path)
-        if key in self._keys:
+        if alias is not None and alias in self._aliases:
+            return self._ref(self._aliases[alias], path)
+        key = _file_key(path)
+        if key in self._keys or key in _RESERVED_KEYS:
             key = next(f"{key}#{i}" for i in range(1, len(self._keys) + 2) if f"{key}#{i}" not in self._keys)
         self._keys.add(key)
         nbytes = tensor.numel() * tensor.element_size()
@@ -78,11 +92,21 @@ class _ShardPlanner:
             "key": key,
             "dtype": dtype_name(tensor.dtype),
             "shape": list(tensor.shape),
-            "device": str(tensor.device),
         }
+        if tensor.device.type != "cpu":
+            ref["device"] = str(tensor.device)
         if alias is not None:
+            # Keep the original alive: its address is the alias key, and a freed tensor's address is
+            # reused by the next fresh one (state_dict()s that build tensors on every call).
             self._aliases[alias] = ref
-        return ref
+            self._alive.append(tensor)
+        return self._ref(ref, path)
+
+    @staticmethod
+    def _ref(ref: dict[str, Any], path: Path) -> dict[str, Any]:
+        if ref["key"] != format_path(path):
+            return ref
+        return {k: v for k, v in ref.items() if k != "key"}
 
 
 def write_checkpoint(
@@ -104,6 +128,10 @@ def write_checkpoint(
         prefix = f"{where}: " if where else ""
         tree = Encoder(planner, allow_pickle=allow_pickle, where=prefix).encode(state)
         meta = Encoder(None, where=f"{prefix}metadata.").encode(metadata)
+        # Refuse before writing any data: the files list (~150 bytes a file) is all that is missing.
+        estimate = len(json.dumps([tree, meta], separators=(",", ":"), ensure_ascii=False)) + 150 * len(planner.shards)
+        if estimate > MAX_MANIFEST_BYTES - 64 * 1024:
+            raise UnsupportedValueError(_oversized(estimate, tree, prefix))
         files = _write_shards(pending, planner.shards)
         manifest = Manifest(
             tree=tree,
@@ -114,7 +142,10 @@ def write_checkpoint(
             trainstate_version=__version__,
             torch_version=torch.__version__,
         )
-        pending.write(MANIFEST_NAME, [manifest.to_json()])
+        data = manifest.to_json()
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise UnsupportedValueError(_oversized(len(data), manifest.tree, prefix))
+        pending.write(MANIFEST_NAME, [data])
         pending.commit()
         return manifest
     except BaseException as exc:
@@ -122,6 +153,44 @@ def write_checkpoint(
         if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
             raise CheckpointWriteError(f"{where}: {exc}") from exc
         raise
+
+
+def _oversized(size: int, tree: Any, prefix: str) -> str:
+    """Why a manifest is too big, naming the entry that makes it so (loads refuse over the cap)."""
+    path: Path = ()
+    node: Any = tree
+    while True:
+        children = _children(node)
+        sizes = sorted(((len(json.dumps(v, separators=(",", ":"))), k) for k, v in children), reverse=True)
+        if not sizes:
+            break
+        child_size, key = sizes[0]
+        if child_size < size / 4 or len(path) > 20:
+            break
+        path, node = (*path, key), dict(children)[key]
+    where = format_path(path) if path else "the state"
+    return (
+        f"{prefix}the manifest would be {size / 2**20:.1f} MiB, over the {MAX_MANIFEST_BYTES // 2**20} MiB that "
+        f"loading accepts; most of it is {where!r}: store bulk values as tensors or numpy arrays (they go to the "
+        "tensor files), not as Python lists, ints or bytes"
+    )
+
+
+def _children(node: Any) -> list[tuple[Any, Any]]:
+    if isinstance(node, list):
+        return list(enumerate(node))
+    if not isinstance(node, dict):
+        return []
+    if node.get(TAG) == "stateful":
+        return _children(node["v"])
+    if isinstance(node.get("v"), dict):
+        return list(node["v"].items())
+    if isinstance(node.get("v"), list):
+        return list(enumerate(node["v"]))
+    if isinstance(node.get("items"), list):
+        pairs = [p for p in node["items"] if isinstance(p, list) and len(p) == 2]
+        return [(p[0] if isinstance(p[0], (int, str)) else i, p[1]) for i, p in enumerate(pairs)]
+    return [("v", node["v"])] if isinstance(node.get("v"), str) else []
 
 
 def _write_shards(pending: PendingCheckpoint, shards: list[list[tuple[str, torch.Tensor]]]) -> list[FileEntry]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainstate.manager.checkpoint_manager import CheckpointManager, parse_step_name, step_name
+from trainstate.manager.checkpoint_manager import CheckpointManager, checkpoint_info, parse_step_name, step_name
 from trainstate.manager.early_stopping import EarlyStopping
 from trainstate.manager.policies import CheckpointInfo, KeepBest, KeepEvery, KeepLast, Retention, SaveTrigger
 from trainstate.manager.preemption import PreemptionHandler
@@ -17,6 +17,7 @@ __all__ = [
     "PreemptionHandler",
     "Retention",
     "SaveTrigger",
+    "checkpoint_info",
     "parse_step_name",
     "step_name",
 ]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import math
 import os
 import re
 import signal
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
@@ -41,7 +44,7 @@ from trainstate.manager.preemption import PreemptionHandler
 from trainstate.manager.snapshot import capture
 from trainstate.storage import LocalStorage
 
-__all__ = ["CheckpointManager", "parse_step_name", "step_name"]
+__all__ = ["CheckpointManager", "checkpoint_info", "parse_step_name", "step_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +62,55 @@ def parse_step_name(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def checkpoint_info(name: str, metadata: Any, *, where: str) -> CheckpointInfo:
+    """What the manager knows of its checkpoint ``name`` from the manifest's metadata: the one
+    definition of a valid manager checkpoint (the CLI uses it too). Raises CorruptCheckpointError
+    unless ``metadata.step`` is the very int the name gives and ``metrics`` maps names to numbers."""
+    named = parse_step_name(name)
+    step = metadata.get("step") if isinstance(metadata, dict) else None
+    if named is None or type(step) is not int or step != named:
+        raise CorruptCheckpointError(f"{where}: the manifest says step {step!r}, the name says {named}")
+    metrics = metadata.get("metrics") or {}
+    if not isinstance(metrics, dict) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in metrics.items()
+    ):
+        raise CorruptCheckpointError(f"{where}: the manifest's metrics are not a mapping of names to numbers")
+    return CheckpointInfo(step, {k: float(v) for k, v in metrics.items()})
+
+
 _SKIPPABLE = (CorruptCheckpointError, UnsupportedFormatError)
 _MAX_RESCANS = 20
+
+# Managers with a background save in flight: at interpreter exit a failed one must not pass silently.
+_IN_FLIGHT: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
+
+
+@atexit.register
+def _report_lost_saves() -> None:
+    """Runs after concurrent.futures joined the save threads. A save that failed with nobody left to
+    re-raise its error is logged, and the process exits with status 1 (the only way an atexit hook
+    can change it; atexit hooks registered before trainstate was imported do not run then)."""
+    failed = False
+    for manager in list(_IN_FLIGHT):
+        future = manager._inflight
+        if future is None or manager._pid != os.getpid():
+            continue
+        try:
+            future.result()
+        except BaseException as exc:  # noqa: BLE001 - reported, then the exit status says it
+            failed = True
+            logger.error(
+                "%s: the background save of step %s failed and nothing was committed: %s "
+                "(close() the manager, or use it as a context manager, to handle this in your code)",
+                manager.directory,
+                manager._requested_step,
+                exc,
+            )
+    if failed:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(1)
 
 
 class CheckpointManager:
@@ -140,6 +190,7 @@ class CheckpointManager:
         self._preemption = PreemptionHandler(preemption_signals) if preemption_signals else None
         self._preempted_save_done = False
         self._closed = False
+        self._pid = os.getpid()
         self._scan()
         if self._preemption is not None:
             self._preemption.install()
@@ -233,6 +284,7 @@ class CheckpointManager:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainstate-save")
         future = self._executor.submit(self._write, step, snapshot, metadata, env)
         self._inflight = future
+        _IN_FLIGHT.add(self)
         if not self.async_save or preempted:
             self.wait()
         if stopper is not None and self.early_stopping is not None:  # async: errors surface on the next call
@@ -331,6 +383,10 @@ class CheckpointManager:
         if self._closed:
             return
         self._closed = True
+        if self._pid != os.getpid():  # a forked child: the executor thread and the lock are the parent's
+            self._inflight = None
+            self._storage.unlock()  # forgets the inherited lock fd without touching its number
+            return
         try:
             self.wait()
         finally:
@@ -355,6 +411,12 @@ class CheckpointManager:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"{self.directory}: this CheckpointManager is closed")
+        if self._pid != os.getpid():
+            raise RuntimeError(
+                f"{self.directory}: this CheckpointManager belongs to process {self._pid}, not to this forked "
+                f"child ({os.getpid()}); create a new CheckpointManager in the child (another directory, or after "
+                "the parent closed its manager: the parent holds the writer lock)"
+            )
 
     def _acquire(self) -> None:
         if not self._locked:
@@ -374,12 +436,10 @@ class CheckpointManager:
             if named_step is None:
                 continue
             try:
-                metadata = CheckpointReader(self._storage, name).metadata()
-                step = metadata["step"]
-                if step != named_step:
-                    raise CorruptCheckpointError(f"{name}: manifest says step {step}")
-                index[step] = CheckpointInfo(step, dict(metadata.get("metrics") or {}))
-            except (CheckpointError, KeyError, TypeError) as exc:
+                reader = CheckpointReader(self._storage, name)
+                info = checkpoint_info(name, reader.metadata(), where=reader.where)
+                index[info.step] = info
+            except CheckpointError as exc:
                 if isinstance(exc, CheckpointNotFoundError) and not self._storage.exists(name):
                     vanished = True
                     continue

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import os
 
-from trainstate.storage.base import PendingCheckpoint, Storage, check_name
-from trainstate.storage.local import TEMP_PREFIX, LocalStorage, atomic_write_file
+from trainstate.storage.base import (
+    MANIFEST_NAME,
+    TEMP_PREFIX,
+    PendingCheckpoint,
+    Storage,
+    check_checkpoint_name,
+    check_name,
+)
+from trainstate.storage.local import LocalStorage, atomic_write_file
 
 __all__ = [
+    "MANIFEST_NAME",
     "TEMP_PREFIX",
     "LocalStorage",
     "PendingCheckpoint",
     "Storage",
     "atomic_write_file",
+    "check_checkpoint_name",
     "check_name",
     "split_path",
 ]

@@ -11,7 +11,21 @@ from typing import Protocol
 
 from trainstate.errors import CorruptCheckpointError
 
-__all__ = ["PendingCheckpoint", "ReadableFile", "Storage", "check_name"]
+__all__ = [
+    "MANIFEST_NAME",
+    "TEMP_PREFIX",
+    "PendingCheckpoint",
+    "ReadableFile",
+    "Storage",
+    "check_checkpoint_name",
+    "check_name",
+]
+
+MANIFEST_NAME = "manifest.json"
+"""The file whose presence makes a checkpoint exist; it is written last."""
+
+TEMP_PREFIX = ".trainstate-tmp-"
+"""Entries whose name starts with this are in-progress or abandoned writes, never checkpoints."""
 
 Buffer = bytes | bytearray | memoryview
 
@@ -46,6 +60,28 @@ def check_name(name: str, *, where: str) -> str:
     return name
 
 
+def check_checkpoint_name(name: str, *, where: str) -> str:
+    """Return ``name`` if a checkpoint may be called so, else raise ValueError stating the rule.
+
+    Anything a filesystem takes as one entry is allowed (spaces, unicode, ``@``, ``:``, a leading
+    ``.`` or ``-``): no ``/`` or NUL, not ``.`` or ``..``, at most 255 bytes, and not starting with
+    the prefix of trainstate's temporaries.
+    """
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or "/" in name
+        or "\0" in name
+        or len(name.encode("utf-8", "surrogateescape")) > 255
+        or name.startswith(TEMP_PREFIX)
+    ):
+        raise ValueError(
+            f"{where}: {name!r} cannot name a checkpoint: use one path component of at most 255 bytes, "
+            f"without '/' or NUL, not '.' or '..', not starting with {TEMP_PREFIX!r}"
+        )
+    return name
+
+
 class PendingCheckpoint(ABC):
     """A checkpoint being written: files go in with `write`, then `commit` publishes all or nothing."""
 
@@ -74,12 +110,17 @@ class Storage(ABC):
 
     @abstractmethod
     def begin(self, name: str, *, overwrite: bool = True) -> PendingCheckpoint:
-        """Start writing checkpoint ``name``. With ``overwrite`` an existing one is replaced
-        atomically at commit; without, commit raises CheckpointExistsError."""
+        """Start writing checkpoint ``name``. With ``overwrite`` an existing checkpoint is replaced
+        atomically at commit; without, commit raises CheckpointExistsError. Anything else that
+        exists under ``name`` (a directory of other files, a plain file) is never replaced:
+        CheckpointExistsError, at begin and again at commit. Raises ValueError for a name that
+        `check_checkpoint_name` refuses."""
 
     @abstractmethod
     def open(self, name: str, filename: str) -> ReadableFile:
-        """Open a committed file for reading. Raises CheckpointNotFoundError if it is missing."""
+        """Open a committed file for reading. Raises CheckpointNotFoundError if it is missing,
+        CorruptCheckpointError if it is not a regular file, and OSError (naming the path) for
+        anything that is not about the checkpoint (permissions, too many open files)."""
 
     @abstractmethod
     def size(self, name: str, filename: str) -> int:
@@ -87,7 +128,8 @@ class Storage(ABC):
 
     @abstractmethod
     def exists(self, name: str, filename: str | None = None) -> bool:
-        """Whether checkpoint ``name`` (or one of its files) exists. Never raises for a missing path."""
+        """Whether checkpoint ``name`` (or one of its files) exists. Never raises for a missing path;
+        raises OSError (naming the path) when it cannot tell, e.g. permission denied."""
 
     @abstractmethod
     def list(self) -> builtins.list[str]:

@@ -24,14 +24,20 @@ from trainstate.errors import (
     CheckpointWriteError,
     CorruptCheckpointError,
 )
-from trainstate.storage.base import Buffer, PendingCheckpoint, ReadableFile, Storage, check_name
+from trainstate.storage.base import (
+    MANIFEST_NAME,
+    TEMP_PREFIX,
+    Buffer,
+    PendingCheckpoint,
+    ReadableFile,
+    Storage,
+    check_checkpoint_name,
+    check_name,
+)
 
-__all__ = ["TEMP_PREFIX", "LocalStorage", "atomic_write_file"]
+__all__ = ["LocalStorage", "atomic_write_file"]
 
 logger = logging.getLogger(__name__)
-
-TEMP_PREFIX = ".trainstate-tmp-"
-"""Entries whose name starts with this are in-progress or abandoned writes, never checkpoints."""
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _LOCK_POLL_S = 0.05
@@ -114,12 +120,58 @@ def atomic_write_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         raise
 
 
+def _check_replaceable(path: str) -> None:
+    """Only a checkpoint may be replaced: a flat directory of regular files holding a manifest (or
+    an empty directory). A run directory, a ``model.pt`` or anything else is never swapped out."""
+    try:
+        info = os.lstat(path)
+        entries = _entries(path) if stat.S_ISDIR(info.st_mode) else []
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _write_error("inspecting what exists there", path, exc, outcome="nothing was written") from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise CheckpointExistsError(
+            f"{path}: exists and is not a trainstate checkpoint (a {_kind(info.st_mode)}); refusing to replace "
+            "it: save under another name, or remove it yourself"
+        )
+    if not entries:
+        return
+    others = sorted(
+        e.name + ("/" if e.is_dir(follow_symlinks=False) else "")
+        for e in entries
+        if not e.is_file(follow_symlinks=False)
+    )
+    if others or MANIFEST_NAME not in {e.name for e in entries}:
+        shown = others or sorted(e.name for e in entries)
+        raise CheckpointExistsError(
+            f"{path}: exists and is not a trainstate checkpoint (it holds {', '.join(shown[:3])}"
+            f"{', ...' if len(shown) > 3 else ''}); refusing to replace it: save under another name "
+            "(e.g. a sub-directory), or remove it yourself"
+        )
+
+
+def _entries(path: str) -> list[os.DirEntry[str]]:
+    with os.scandir(path) as it:
+        return list(it)
+
+
+def _temp_name(kind: str, name: str) -> str:
+    """A unique temporary sibling name; the checkpoint's name is shortened so it stays under 255 bytes."""
+    short = name.encode("utf-8", "surrogateescape")[:64].decode("utf-8", "ignore")
+    return f"{TEMP_PREFIX}{kind}{short}-{uuid.uuid4().hex[:12]}"
+
+
+def _kind(mode: int) -> str:
+    return "symlink" if stat.S_ISLNK(mode) else "file" if stat.S_ISREG(mode) else "special file"
+
+
 class _LocalPending(PendingCheckpoint):
     def __init__(self, storage: LocalStorage, name: str, overwrite: bool) -> None:
         self._storage = storage
         self._final = os.path.join(storage.root, name)
         self._overwrite = overwrite
-        self._tmp = os.path.join(storage.root, f"{TEMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}")
+        self._tmp = os.path.join(storage.root, _temp_name("", name))
         try:
             os.mkdir(self._tmp)
         except OSError as exc:
@@ -153,6 +205,7 @@ class _LocalPending(PendingCheckpoint):
             _fsync_dir(self._tmp)
             step = "rename into place"
             if os.path.lexists(self._final):
+                _check_replaceable(self._final)
                 if not self._overwrite:
                     raise CheckpointExistsError(f"{self._final}: already exists (pass overwrite=True to replace it)")
                 try:
@@ -203,6 +256,7 @@ class LocalStorage(Storage):
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self._lock_fd: int | None = None
+        self._lock_pid = 0  # the process that took the lock: a forked child does not hold it
 
     def _ensure_root(self) -> None:
         if os.path.isdir(self.root):
@@ -216,13 +270,16 @@ class LocalStorage(Storage):
             raise _write_error("creating the directory", self.root, exc) from exc
 
     def _path(self, name: str, filename: str | None = None) -> str:
-        check_name(name, where=self.root)
+        check_checkpoint_name(name, where=self.root)
         if filename is None:
             return os.path.join(self.root, name)
         return os.path.join(self.root, name, check_name(filename, where=os.path.join(self.root, name)))
 
     def begin(self, name: str, *, overwrite: bool = True) -> PendingCheckpoint:
-        check_name(name, where=self.root)
+        final = self._path(name)
+        _check_replaceable(final)  # fail before writing any data; commit checks again
+        if not overwrite and os.path.lexists(final):
+            raise CheckpointExistsError(f"{final}: already exists (pass overwrite=True to replace it)")
         self._ensure_root()
         return _LocalPending(self, name, overwrite)
 
@@ -232,12 +289,12 @@ class LocalStorage(Storage):
             # O_NOFOLLOW: a symlink planted in a checkpoint must not make us read outside it.
             # O_NONBLOCK: opening a FIFO planted in a checkpoint must not hang; cleared below.
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, NotADirectoryError) as exc:
             raise CheckpointNotFoundError(f"{path}: no such file") from exc
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise CorruptCheckpointError(f"{path}: is a symlink; checkpoint files must be regular files") from exc
-            raise CheckpointNotFoundError(f"{path}: cannot open: {os.strerror(exc.errno or 0)}") from exc
+            raise  # permissions, too many open files...: not about the checkpoint; names the path
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise CorruptCheckpointError(f"{path}: is not a regular file")
@@ -253,9 +310,14 @@ class LocalStorage(Storage):
 
     def exists(self, name: str, filename: str | None = None) -> bool:
         try:
-            return os.path.lexists(self._path(name, filename))
-        except Exception:
+            path = self._path(name, filename)
+        except (CheckpointError, ValueError):
             return False
+        try:
+            os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True  # other errors (permission denied) are raised: we cannot tell
 
     def list(self) -> builtins.list[str]:
         try:
@@ -269,7 +331,7 @@ class LocalStorage(Storage):
         if not os.path.lexists(path):
             return
         # Rename first: readers listing the directory never see a half-deleted checkpoint.
-        trash = os.path.join(self.root, f"{TEMP_PREFIX}deleted-{name}-{uuid.uuid4().hex[:12]}")
+        trash = os.path.join(self.root, _temp_name("deleted-", name))
         try:
             os.rename(path, trash)
         except OSError as exc:
@@ -301,6 +363,7 @@ class LocalStorage(Storage):
         return removed
 
     def lock(self, *, timeout: float = 0.0) -> None:
+        self._forget_inherited_lock()
         if self._lock_fd is not None:
             return
         self._ensure_root()
@@ -309,7 +372,7 @@ class LocalStorage(Storage):
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._lock_fd = fd
+                self._lock_fd, self._lock_pid = fd, os.getpid()
                 _HELD_LOCKS.add(fd)
                 return
             except BlockingIOError:
@@ -321,7 +384,14 @@ class LocalStorage(Storage):
                     ) from None
                 time.sleep(_LOCK_POLL_S)
 
+    def _forget_inherited_lock(self) -> None:
+        """In a forked child the lock fd was closed at fork (see `_close_inherited_locks`) and its
+        number may be reused by an unrelated file: forget it, never close or unlock it."""
+        if self._lock_fd is not None and self._lock_pid != os.getpid():
+            self._lock_fd = None
+
     def unlock(self) -> None:
+        self._forget_inherited_lock()
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
             _HELD_LOCKS.discard(fd)
