@@ -100,7 +100,7 @@ def test_a_hundred_thousand_tensors_save_and_load(tmp_path):
         for p in fresh["model"].parameters():
             p.zero_()
     trainstate.load(tmp_path / "c", fresh)
-    assert all(torch.equal(a, b) for a, b in zip(fresh["model"].parameters(), state["model"].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(fresh["model"].parameters(), state["model"].parameters(), strict=True))
 
 
 @pytest.mark.parametrize(
@@ -155,13 +155,14 @@ def test_save_into_an_existing_empty_directory(tmp_path):
 
 # ------------------------------------------------------------------------- (3) async aliasing
 class Meter:
-    """A metric tracker whose state_dict builds a fresh tensor on every call."""
+    """A metric tracker whose state_dict builds a fresh tensor on every call. Its memory comes from
+    numpy's small-buffer cache, which hands a freed buffer to the next array of its size at once."""
 
     def __init__(self, value: float) -> None:
         self.value = value
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"total": torch.tensor([self.value])}
+        return {"total": torch.from_numpy(np.full(1, self.value))}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.value = float(state["total"])
@@ -455,3 +456,32 @@ def test_same_parameter_twice_is_one_object(tmp_path):
     loaded = trainstate.load(tmp_path / "c")
     assert loaded["a"] is loaded["b"] and isinstance(loaded["a"], torch.nn.Parameter)
     assert loaded["c"][0] is loaded["c"][1] and not loaded["c"][0].requires_grad
+
+
+# ------------------------------------------------------------- hostile values of the new format-2 tags
+@pytest.mark.parametrize(
+    "node",
+    [
+        {"@": "float", "v": "nan", "bits": "zz"},
+        {"@": "float", "v": "nan", "bits": "000000000000f03f"},  # 1.0: not a NaN
+        {"@": "float", "v": "inf", "bits": "000000000000f8ff"},
+        {"@": "float", "v": "nan", "bits": 7},
+        {"@": "str", "v": "!!"},
+        {"@": "str", "v": 5},
+        {"@": "str", "v": "/w=="},  # not UTF-8 even with surrogates allowed
+        {"@": "int", "v": "0x"},
+        {"@": "int", "v": "0xABC"},  # the encoder writes lowercase only
+        {"@": "int", "v": "1" * 4301},
+        {"@": "int", "v": " 12"},
+    ],
+)
+def test_malformed_format_2_values_are_corrupt(tmp_path, node):
+    from trainstate.format.manifest import Manifest
+
+    trainstate.save(tmp_path / "c", {"x": 1})
+    path = tmp_path / "c" / MANIFEST_NAME
+    manifest = Manifest.from_json(path.read_bytes(), where=str(path))
+    tree = {**manifest.tree, "v": {"x": node}}
+    path.write_bytes(Manifest(**{**manifest.__dict__, "tree": tree}).to_json())
+    with pytest.raises(trainstate.CorruptCheckpointError, match="'?x'?"):
+        trainstate.load(tmp_path / "c")

@@ -13,6 +13,7 @@ import math
 import pickle
 import re
 import struct
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -339,7 +340,9 @@ def _encode_ndarray(value: np.ndarray, path: Path, enc: Encoder) -> dict[str, An
         # Stored as raw bytes so that decoding is a zero-copy view (tensors are filled after decoding).
         array, node["np_shape"] = array.reshape(-1).view(np.uint8), list(value.shape)
     try:
-        tensor = torch.from_numpy(array)
+        with warnings.catch_warnings():  # a read-only array is only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensor = torch.from_numpy(array)
     except TypeError:
         raise UnsupportedValueError(
             f"{enc.where}{format_path(path)}: numpy dtype {value.dtype} has no torch equivalent"

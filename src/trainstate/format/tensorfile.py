@@ -114,11 +114,12 @@ def valid_shape(shape: object) -> TypeGuard[list[int]]:
     return extent <= _INT64_MAX
 
 
-def alias_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
+def alias_key(tensor: torch.Tensor) -> tuple[Any, ...]:
     """Identity of the exact view ``tensor`` is: equal keys mean the very same elements (tied
-    weights, a tensor referenced twice). Empty tensors share nothing and get None."""
+    weights, a tensor referenced twice). Callers keep ``tensor`` alive while they use the key (it
+    holds an address). An empty tensor has no elements to share: it is only itself."""
     if tensor.numel() == 0:
-        return None
+        return ("empty", id(tensor))
     return (
         tensor.untyped_storage().data_ptr(),
         tensor.device,
@@ -133,6 +134,8 @@ def alias_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without copying."""
+    if tensor.numel() == 0:  # any strides count as contiguous then, and a byte view may refuse them
+        return memoryview(b"")
     array = tensor.reshape(-1).view(torch.uint8).numpy()
     return memoryview(cast(bytes, array)).cast("B")  # numpy arrays are buffers; the stubs disagree
 

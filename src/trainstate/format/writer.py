@@ -17,7 +17,7 @@ from trainstate.errors import CheckpointError, CheckpointWriteError, Unsupported
 from trainstate.format.codec import TAG, Encoder, Path, format_path, is_plain_str
 from trainstate.format.hashing import new_hasher
 from trainstate.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest
-from trainstate.format.tensorfile import alias_key, dtype_name, encode_file
+from trainstate.format.tensorfile import MAX_HEADER_BYTES, alias_key, dtype_name, encode_file
 from trainstate.storage.base import PendingCheckpoint
 
 __all__ = ["DEFAULT_SHARD_BYTES", "environment", "write_checkpoint"]
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SHARD_BYTES = 512 * 1024 * 1024
 _MAX_WRITERS = 4
 _MIN_ENTRY_SPLIT = 1 << 20
+_MAX_FILE_HEADER = MAX_HEADER_BYTES // 4  # a generous margin under the reader's cap
 _FILE_PATTERN = "tensors-{:05d}.safetensors"
 
 
@@ -63,14 +64,14 @@ class _ShardPlanner:
         self.shards: list[list[tuple[str, torch.Tensor]]] = []
         self._shard_bytes = shard_bytes
         self._fill = 0
+        self._header = 0
         self._keys: set[str] = set()
         self._aliases: dict[tuple[Any, ...], dict[str, Any]] = {}
-        self._alive: list[torch.Tensor] = []
         self._entry: Any = None
 
     def add(self, path: Path, tensor: torch.Tensor) -> dict[str, Any]:
         alias = alias_key(tensor)
-        if alias is not None and alias in self._aliases:
+        if alias in self._aliases:
             return self._ref(self._aliases[alias], path)
         key = _file_key(path)
         if key in self._keys or key in _RESERVED_KEYS:
@@ -80,9 +81,14 @@ class _ShardPlanner:
         # A new top-level entry (model, optimizer...) starts a new file once the current one holds
         # something substantial: a load into a live model then only re-reads the model's files.
         new_entry = bool(path) and path[0] != self._entry and self._fill >= _MIN_ENTRY_SPLIT
-        if not self.shards or (self._fill > 0 and (self._fill + nbytes > self._shard_bytes or new_entry)):
+        # Readers cap a safetensors header (as safetensors itself does): millions of tiny tensors
+        # are spread over several files rather than written into one that could not be read.
+        header = len(json.dumps(key)) + 80 + 21 * tensor.dim()
+        full = self._fill + nbytes > self._shard_bytes or self._header + header > _MAX_FILE_HEADER
+        if not self.shards or (self._fill > 0 and (full or new_entry)):
             self.shards.append([])
-            self._fill = 0
+            self._fill = self._header = 0
+        self._header += header
         self._entry = path[0] if path else None
         self.shards[-1].append((key, tensor))
         self._fill += nbytes
@@ -95,11 +101,8 @@ class _ShardPlanner:
         }
         if tensor.device.type != "cpu":
             ref["device"] = str(tensor.device)
-        if alias is not None:
-            # Keep the original alive: its address is the alias key, and a freed tensor's address is
-            # reused by the next fresh one (state_dict()s that build tensors on every call).
-            self._aliases[alias] = ref
-            self._alive.append(tensor)
+        # The tensor stays referenced (in `shards`) while the alias keys, which hold its address, are used.
+        self._aliases[alias] = ref
         return self._ref(ref, path)
 
     @staticmethod
@@ -190,7 +193,7 @@ def _children(node: Any) -> list[tuple[Any, Any]]:
     if isinstance(node.get("items"), list):
         pairs = [p for p in node["items"] if isinstance(p, list) and len(p) == 2]
         return [(p[0] if isinstance(p[0], (int, str)) else i, p[1]) for i, p in enumerate(pairs)]
-    return [("v", node["v"])] if isinstance(node.get("v"), str) else []
+    return []
 
 
 def _write_shards(pending: PendingCheckpoint, shards: list[list[tuple[str, torch.Tensor]]]) -> list[FileEntry]:

@@ -32,18 +32,20 @@ class Captured:
 def capture(state: Mapping[str, Any]) -> dict[str, Any]:
     """Copy ``state`` so training may continue while it is written: live objects are replaced by
     their state dicts and every tensor is copied to the CPU (aliases stay aliases)."""
-    copies: dict[tuple[Any, ...], torch.Tensor] = {}
+    # Each source tensor is kept alive with its copy: the alias key is an address, and a state_dict()
+    # that builds tensors afresh frees them at once, so the next one would reuse the address.
+    copies: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def copy_tensor(tensor: torch.Tensor) -> torch.Tensor:
         key = alias_key(tensor)
-        if key is None or key not in copies:
+        if key not in copies:
             clone = tensor.detach().to("cpu", copy=True)
             if isinstance(tensor, torch.nn.Parameter):
                 clone = torch.nn.Parameter(clone, requires_grad=tensor.requires_grad)
-            if key is None:
-                return clone
-            copies[key] = clone
-        return copies[key]
+            elif tensor.requires_grad:
+                clone.requires_grad_(True)
+            copies[key] = (tensor, clone)
+        return copies[key][1]
 
     def walk(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
