@@ -68,3 +68,56 @@ def test_a_state_that_does_not_fit_raises(change, message):
     state = {**trainstate.ResumableSampler(DATA, seed=3).state_dict(), **change}
     with pytest.raises(trainstate.StateMismatchError, match=message):
         trainstate.ResumableSampler(DATA, seed=3).load_state_dict(state)
+
+
+def _loop(
+    make_loader, *, epochs: int, stop: tuple[int, int] | None = None, resume=None, save_to=None
+) -> list[tuple[int, list[float], str]]:
+    """A user's loop over a plain DataLoader with a ResumableSampler: per step, the batch and a
+    global-RNG draw (dropout's stand-in). Saves and stops at ``stop``; or resumes from ``resume``."""
+    torch.manual_seed(0 if resume is None else 999)
+    sampler = trainstate.ResumableSampler(DATA, seed=3)
+    state = {"sampler": sampler, "rng": trainstate.RNGState()}
+    first = 0
+    if resume is not None:
+        trainstate.load(resume[0], state)
+        first = resume[1][0]
+    trace = []
+    for epoch in range(first, epochs):
+        if stop == (epoch, 0):
+            trainstate.save(save_to, state)
+            return trace
+        for (batch,) in make_loader(sampler):
+            trace.append((epoch, batch.tolist(), torch.rand(1).item().hex()))
+            if stop == (epoch, sum(1 for e, _, _ in trace if e == epoch)):
+                trainstate.save(save_to, state)
+                return trace
+    return trace
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_exact_with_prefetching_workers_at_every_position(tmp_path, workers, drop_last):
+    def make_loader(sampler):
+        return DataLoader(
+            DATA, batch_size=4, sampler=sampler, drop_last=drop_last, num_workers=workers, generator=torch.Generator()
+        )
+
+    per_epoch = 5 if drop_last else 6
+    full = _loop(make_loader, epochs=4)
+    for position in [(0, n) for n in range(per_epoch + 1)] + [(1, 2)]:
+        ckpt = tmp_path / f"{position[0]}-{position[1]}"
+        before = _loop(make_loader, epochs=4, stop=position, save_to=ckpt)
+        after = _loop(make_loader, epochs=4, resume=(ckpt, position))
+        assert before + after == full, f"diverged after a checkpoint at {position}"
+
+
+def test_loader_without_generator_warns_that_the_resume_shifted_the_rng(tmp_path):
+    def make_loader(sampler):
+        return DataLoader(DATA, batch_size=4, sampler=sampler)  # draws from the global RNG per epoch
+
+    _loop(make_loader, epochs=2, stop=(0, 2), save_to=tmp_path / "c")
+    with pytest.warns(UserWarning, match="pass generator=torch.Generator"):
+        after = _loop(make_loader, epochs=2, resume=(tmp_path / "c", (0, 2)))
+    full = _loop(make_loader, epochs=2)
+    assert [b for _, b, _ in after] == [b for _, b, _ in full[2:]]  # the data order is still exact

@@ -13,6 +13,7 @@ from trainstate.errors import CorruptCheckpointError, StateMismatchError, Unsupp
 from trainstate.format.codec import TAG, Path, format_path, is_stateful
 from trainstate.format.reader import CheckpointReader, MapLocation, TensorLoader
 from trainstate.format.writer import DEFAULT_SHARD_BYTES, write_checkpoint
+from trainstate.loaders import adapt_for_save, is_stateful_loader, restore_loader
 from trainstate.storage import Storage, split_path
 
 __all__ = ["load", "restore", "save", "save_to"]
@@ -88,7 +89,7 @@ def save_to(
         raise UnsupportedValueError(f"{where}: state must be a mapping of names to values, got {type(state).__name__}")
     if metadata is not None and not isinstance(metadata, Mapping):
         raise UnsupportedValueError(f"{where}: metadata must be a mapping, got {type(metadata).__name__}")
-    tree = state if isinstance(state, dict) else dict(state)
+    tree = adapt_for_save(state)
     write_checkpoint(
         storage.begin(name, overwrite=overwrite),
         tree,
@@ -310,6 +311,8 @@ class _Restorer:
             try:
                 if isinstance(target, torch.nn.Module):
                     target.load_state_dict(decoded, strict=self._strict)
+                elif is_stateful_loader(target):
+                    restore_loader(target, decoded)
                 else:
                     target.load_state_dict(decoded)
             except Exception as exc:
@@ -320,3 +323,7 @@ class _Restorer:
                     f"{self._reader.where}: key {format_path(path)!r}: {type(target).__name__}.load_state_dict "
                     f"rejected the saved state ({detail}); already restored: {restored}; not restored: {untouched}"
                 ) from exc
+        for target, _, _ in pending:
+            restored_hook = getattr(target, "_trainstate_restored", None)
+            if callable(restored_hook):  # e.g. ResumableSampler notes the global RNG once everything is back
+                restored_hook()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
+import weakref
 from collections.abc import Iterator, Sized
+from types import FrameType
 from typing import Any
 
 import torch
@@ -20,10 +24,13 @@ class ResumableSampler(Sampler[int]):
     regenerates it and skips what was already consumed. When an epoch is exhausted the sampler
     moves to the next one by itself (calling `set_epoch` is optional).
 
-    Exact with ``DataLoader(num_workers=0)``: the loader then pulls indices only as batches are
-    handed to the loop. With worker processes the loader prefetches, so the count runs ahead of
-    the loop; use ``torchdata.stateful_dataloader.StatefulDataLoader`` there (trainstate saves it as
-    a live object) — see the README.
+    Exact with any ``DataLoader``, with or without worker processes: a loader with workers pulls
+    indices ahead of the loop (prefetching), so the sampler finds the loader iterator that drives
+    it and counts the samples of the batches that iterator has handed to the loop, not the indices
+    it has pulled. Give the DataLoader a generator of its own (``generator=torch.Generator()``):
+    without one it draws from the global RNG when an epoch starts, which a resumed run does after
+    the restore; the sampler warns when that happened. With ``persistent_workers=True`` call
+    `set_epoch` at the start of every epoch (the loader iterator then outlives the epoch).
 
     Example:
         >>> sampler = ResumableSampler(range(10), shuffle=True, seed=0)
@@ -41,6 +48,8 @@ class ResumableSampler(Sampler[int]):
         self.epoch = 0
         self.consumed = 0
         self._resume = False  # the position came from load_state_dict: the next iteration continues it
+        self._driver: _Driver | None = None  # the loader iterator of the current iteration, if any
+        self._rng_at_restore: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.length
@@ -61,7 +70,19 @@ class ResumableSampler(Sampler[int]):
             # A new iteration while the previous one was abandoned part-way (``drop_last``, ``break``):
             # that is a new epoch, exactly as for an uninterrupted run.
             self.epoch, self.consumed = self.epoch + 1, 0
-        self._resume = False
+        if (
+            self._resume
+            and self._rng_at_restore is not None
+            and not torch.equal(torch.get_rng_state(), self._rng_at_restore)
+        ):
+            warnings.warn(
+                "ResumableSampler: the global torch RNG was drawn from between the restore and the first batch of "
+                "the resumed epoch (a DataLoader without generator= does that when an epoch starts); random draws "
+                "(dropout...) now differ from an uninterrupted run: pass generator=torch.Generator() to the DataLoader",
+                stacklevel=2,
+            )
+        self._resume, self._rng_at_restore = False, None
+        self._driver = _Driver.find(self, sys._getframe(1))
         order = self._order()
         while self.consumed < self.length:
             index = order[self.consumed]
@@ -69,10 +90,20 @@ class ResumableSampler(Sampler[int]):
             yield index
         self.epoch, self.consumed = self.epoch + 1, 0
 
+    def _position(self) -> tuple[int, int]:
+        """(epoch, samples consumed) as the training loop sees it."""
+        driver = self._driver
+        if driver is None or not driver.alive():
+            return self.epoch, self.consumed
+        # After the epoch's last batch this is (epoch, all consumed): the resumed iteration of that epoch
+        # yields nothing, as the interrupted one would have, and the next iteration starts the next epoch.
+        return driver.epoch, min(driver.start + driver.delivered() * driver.batch_size, self.length)
+
     def state_dict(self) -> dict[str, Any]:
+        epoch, consumed = self._position()
         return {
-            "epoch": self.epoch,
-            "consumed": self.consumed,
+            "epoch": epoch,
+            "consumed": consumed,
             "seed": self.seed,
             "shuffle": self.shuffle,
             "length": self.length,
@@ -89,4 +120,47 @@ class ResumableSampler(Sampler[int]):
         if not 0 <= state["consumed"] <= self.length:
             raise StateMismatchError(f"sampler.consumed: {state['consumed']} is outside the dataset of {self.length}")
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
-        self._resume = True
+        self._resume, self._driver = True, None
+
+    def _trainstate_restored(self) -> None:
+        """Called once every object of a load is restored: remember the global RNG as it is now."""
+        self._rng_at_restore = torch.get_rng_state()
+
+
+class _Driver:
+    """The DataLoader iterator pulling from a sampler, seen through the counter of batches it has
+    handed to the loop (``_num_yielded``, a torch internal stable across 2.x; without it, or when
+    the sampler is iterated by hand, the sampler counts the indices pulled)."""
+
+    def __init__(self, iterator: Any, epoch: int, start: int) -> None:
+        self._iterator = weakref.ref(iterator)
+        index_sampler = iterator._index_sampler
+        self.epoch, self.start = epoch, start
+        self.batch_size = int(index_sampler.batch_size) if iterator._auto_collation else 1
+
+    @classmethod
+    def find(cls, sampler: ResumableSampler, frame: FrameType | None) -> _Driver | None:
+        """The loader iterator among the callers of ``sampler``'s iteration (sampler <- batch sampler
+        <- the iterator's ``_next_index``), or None."""
+        from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+        for _ in range(8):
+            if frame is None:
+                return None
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, _BaseDataLoaderIter):
+                if type(candidate).__module__.startswith("torchdata"):
+                    return None  # a StatefulDataLoader accounts for prefetching itself, from the raw count
+                try:
+                    return cls(candidate, sampler.epoch, sampler.consumed)
+                except (AttributeError, TypeError):
+                    return None
+            frame = frame.f_back
+        return None
+
+    def alive(self) -> bool:
+        return self._iterator() is not None
+
+    def delivered(self) -> int:
+        iterator = self._iterator()
+        return int(getattr(iterator, "_num_yielded", 0)) if iterator is not None else 0

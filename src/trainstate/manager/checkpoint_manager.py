@@ -29,6 +29,7 @@ from trainstate.errors import (
 )
 from trainstate.format.reader import CheckpointReader, MapLocation
 from trainstate.format.writer import environment
+from trainstate.loaders import adapt_for_save
 from trainstate.manager.early_stopping import EarlyStopping
 from trainstate.manager.policies import (
     CheckpointInfo,
@@ -276,7 +277,7 @@ class CheckpointManager:
                 stopper.update(value, self.mode)
             metadata["early_stopping"] = stopper.state_dict()
         self._acquire()
-        snapshot = capture(state) if self.async_save and not preempted else dict(state)
+        snapshot = capture(adapt_for_save(state)) if self.async_save and not preempted else dict(state)
         env = {"dataloader_workers": _loader_workers(state)}
         self._requested_step = step
         self._last_save_time = time.monotonic()
