@@ -10,6 +10,7 @@ EXPECTED = {
     "CheckpointLockedError",
     "CheckpointManager",
     "EarlyStopping",
+    "Peek",
     "ResumableSampler",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
@@ -21,6 +22,7 @@ EXPECTED = {
     "UnsupportedValueError",
     "__version__",
     "load",
+    "peek",
     "save",
 }
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from trainstate._version import __version__
-from trainstate.api import load, save
+from trainstate.api import Peek, load, peek, save
 from trainstate.data import ResumableSampler
 from trainstate.errors import (
     CheckpointError,
@@ -29,6 +29,7 @@ __all__ = [
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "EarlyStopping",
+    "Peek",
     "RNGState",
     "ResumableSampler",
     "StateMismatchError",
@@ -37,5 +38,6 @@ __all__ = [
     "UnsupportedValueError",
     "__version__",
     "load",
+    "peek",
     "save",
 ]

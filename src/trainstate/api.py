@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from trainstate.errors import CorruptCheckpointError, StateMismatchError, UnsupportedValueError
-from trainstate.format.codec import TAG, Path, format_path, is_stateful
+from trainstate.format.codec import TAG, Path, format_path, holds_tensors, is_stateful
 from trainstate.format.reader import CheckpointReader, MapLocation, TensorLoader
 from trainstate.format.writer import DEFAULT_SHARD_BYTES, write_checkpoint
 from trainstate.loaders import adapt_for_save, is_stateful_loader, restore_loader
 from trainstate.storage import Storage, split_path
 
-__all__ = ["load", "restore", "save", "save_to"]
+__all__ = ["Peek", "load", "peek", "restore", "save", "save_to"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,9 @@ def load(
 
     Without ``state`` the saved tree comes back as plain data, as ``torch.load`` would return it.
     With ``state``, each live object in it is restored with ``load_state_dict`` (tensors are read
-    straight into existing CPU parameters where they fit) and appears as itself in the result.
+    straight into existing CPU parameters where they fit) and appears as itself in the result;
+    saved plain values come back too, but saved entries holding tensors that ``state`` does not
+    name are not read (``load(path, {"model": model})`` reads only the model's files).
 
     Args:
         path: A checkpoint directory written by `save`.
@@ -145,6 +148,55 @@ def load(
         )
 
 
+@dataclass(frozen=True)
+class Peek:
+    """What a checkpoint holds, read from its manifest alone: no tensor data is read or verified.
+
+    Attributes:
+        path: The checkpoint directory.
+        step: ``metadata["step"]`` when it is an int (every CheckpointManager checkpoint), else None.
+        metadata: The ``metadata`` it was saved with (a manager's also holds step, metrics and what
+            ``CheckpointManager.save(metadata=...)`` added).
+        state: The saved tree as `load` would return it, with every tensor on the ``meta`` device
+            (shape and dtype, no data) and numpy arrays as meta tensors of their bytes' dtype.
+    """
+
+    path: str
+    step: int | None
+    metadata: dict[str, Any]
+    state: dict[str, Any]
+
+
+def peek(path: str | os.PathLike[str]) -> Peek:
+    """Read a checkpoint's plain values and metadata without reading any tensor data.
+
+    For building the live objects a checkpoint is then loaded into (a model from the config saved
+    beside it), or for a quick look.
+
+    Example:
+        >>> import torch, trainstate
+        >>> trainstate.save("/tmp/ts-doc/peek", {"w": torch.ones(2, 3), "config": {"width": 3}}, metadata={"step": 5})
+        >>> found = trainstate.peek("/tmp/ts-doc/peek")
+        >>> found.state["config"], found.state["w"].shape, found.step
+        ({'width': 3}, torch.Size([2, 3]), 5)
+    """
+    storage, name = split_path(path)
+    with CheckpointReader(storage, name) as reader:
+        return peek_reader(reader)
+
+
+def peek_reader(reader: CheckpointReader) -> Peek:
+    """`peek` at an opened checkpoint."""
+    loader = TensorLoader(reader, map_location="meta", verify=False)
+    state = reader.decode(reader.manifest.tree, loader)
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"{reader.where}: the saved state is a {type(state).__name__}, not a mapping")
+    metadata = reader.metadata()
+    metadata = metadata if isinstance(metadata, dict) else {}
+    step = metadata.get("step")
+    return Peek(reader.where, step if type(step) is int else None, metadata, state)
+
+
 def restore(
     reader: CheckpointReader,
     state: Mapping[str, Any] | None = None,
@@ -153,8 +205,9 @@ def restore(
     strict: bool = True,
     verify: bool = True,
     allow_pickle: bool = False,
+    on_skipped: Callable[[list[str]], None] | None = None,
 ) -> dict[str, Any]:
-    """`load` from an opened checkpoint."""
+    """`load` from an opened checkpoint; ``on_skipped`` gets the saved entries ``state`` does not name."""
     destinations: dict[Path, torch.Tensor] = {}
     loader = TensorLoader(reader, map_location=map_location, verify=verify, destinations=destinations.get)
     restorer = _Restorer(reader, loader, destinations, strict=strict, allow_pickle=allow_pickle)
@@ -166,6 +219,8 @@ def restore(
         raise CorruptCheckpointError(f"{reader.where}: the saved state is a {type(result).__name__}, not a mapping")
     loader.fill()
     restorer.apply()
+    if restorer.skipped and on_skipped is not None:
+        on_skipped(restorer.skipped)
     return result
 
 
@@ -209,6 +264,7 @@ class _Restorer:
         self._strict = strict
         self._allow_pickle = allow_pickle
         self._pending: list[tuple[Any, Any, Path]] = []
+        self.skipped: list[str] = []  # saved entries the target state does not name
 
     def _decode(self, node: Any, path: Path) -> Any:
         return self._reader.decode(node, self._loader, allow_pickle=self._allow_pickle, path=path)
@@ -229,9 +285,12 @@ class _Restorer:
             return self._decode(node, path)
         result: dict[Any, Any] = {}
         for key, child in self._children(node, path):
-            result[key] = (
-                self.walk(child, target[key], (*path, key)) if key in target else self._decode(child, (*path, key))
-            )
+            if key in target:
+                result[key] = self.walk(child, target[key], (*path, key))
+            elif holds_tensors(child):  # not asked for: not read (a load of the model alone reads its files only)
+                self.skipped.append(format_path((*path, key)))
+            else:  # plain values live in the manifest: returned, as torch.load would
+                result[key] = self._decode(child, (*path, key))
         for key, value in target.items():
             if key not in result and _contains_stateful(value):
                 self._mismatch(

@@ -44,7 +44,7 @@ def test_tutorial_scenario_best_is_never_evicted():
 @pytest.mark.parametrize(
     ("trigger", "step", "now", "last", "expected"),
     [
-        (SaveTrigger(), 10, 100.0, 0.0, False),
+        (SaveTrigger(), 10, 100.0, 0.0, True),  # no trigger: every call saves
         (SaveTrigger(every_n_steps=5), 10, 0.0, 0.0, True),
         (SaveTrigger(every_n_steps=5), 11, 0.0, 0.0, False),
         (SaveTrigger(every_n_seconds=60), 11, 59.0, 0.0, False),

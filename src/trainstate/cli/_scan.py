@@ -16,7 +16,7 @@ from trainstate.format import MANIFEST_NAME, CheckpointReader, Manifest
 from trainstate.format.codec import format_path
 from trainstate.format.tensorfile import HeaderEntry, dtype_from_name, stored_as
 from trainstate.manager import checkpoint_info, parse_step_name
-from trainstate.storage import TEMP_PREFIX, LocalStorage, Storage, split_path
+from trainstate.storage import QUARANTINE_DIR, TEMP_PREFIX, LocalStorage, Storage, split_path
 
 __all__ = ["Entry", "Scan", "open_checkpoint", "scan", "verify_entry"]
 
@@ -27,7 +27,7 @@ class Entry:
 
     name: str
     path: str
-    status: str  # "ok", "corrupt", "incomplete" or "unreadable"
+    status: str  # "ok", "corrupt", "incomplete", "unreadable" or "quarantined"
     problem: str = ""
     step: int | None = None
     manifest: Manifest | None = None
@@ -152,10 +152,26 @@ def scan(directory: str) -> Scan:
     if not os.path.isdir(directory):
         raise CheckpointNotFoundError(f"{directory}: no such directory")
     storage = LocalStorage(directory)
-    entries = [e for name in storage.list() if (e := _entry(storage, name)) is not None]
+    entries = [e for name in storage.list() if name != QUARANTINE_DIR and (e := _entry(storage, name)) is not None]
     entries.sort(key=lambda e: (e.step is None, e.step or 0, e.name))
     leftovers = sorted(n for n in os.listdir(directory) if n.startswith(TEMP_PREFIX))
-    return Scan(directory, entries, leftovers)
+    return Scan(directory, entries + _quarantined(directory), leftovers)
+
+
+def _quarantined(directory: str) -> list[Entry]:
+    """Checkpoints that `CheckpointManager.restore` moved aside after they failed verification."""
+    aside = LocalStorage(os.path.join(directory, QUARANTINE_DIR))
+    found = []
+    for name in aside.list():
+        entry = _entry(aside, name)
+        if entry is None:
+            continue
+        why = entry.problem or "verified its manifest, but a data file failed"
+        entry.name = f"{QUARANTINE_DIR}/{name}"
+        entry.step = parse_step_name(name.partition("@")[0])
+        entry.status, entry.problem = "quarantined", f"{entry.path}: moved aside by restore(): {why}"
+        found.append(entry)
+    return sorted(found, key=lambda e: (e.step or 0, e.name))
 
 
 def open_checkpoint(path: str) -> CheckpointReader:

@@ -27,7 +27,13 @@ Examples:
   trainstate ls runs/exp1 --verify --json | jq '.[] | select(.status != "ok")'
 """
 
-_STATUS_STYLE = {"ok": "green", "corrupt": "bold red", "incomplete": "yellow", "unreadable": "bold red"}
+_STATUS_STYLE = {
+    "ok": "green",
+    "corrupt": "bold red",
+    "incomplete": "yellow",
+    "unreadable": "bold red",
+    "quarantined": "magenta",
+}
 
 
 def _best_monitor(found: Scan, monitor: str | None) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 import typer
@@ -24,13 +25,14 @@ from trainstate.cli._ui import (
 )
 from trainstate.manager import parse_step_name
 from trainstate.manager.policies import CheckpointInfo, KeepBest, KeepEvery, KeepLast, Retention
-from trainstate.storage import LocalStorage
+from trainstate.storage import QUARANTINE_DIR, LocalStorage
 
 HELP = "Delete the checkpoints of a manager directory that a retention policy does not keep."
 EPILOG = """\
 The same policies as CheckpointManager(keep_last=, keep_best=, monitor=, mode=, keep_every=): a checkpoint is kept
 if any policy keeps it, and the newest one always is. Only committed step_XXXXXXXX checkpoints are considered;
-damaged or incomplete ones are left for you to look at. Takes the directory's writer lock, so it fails at once
+damaged or incomplete ones are left for you to look at, and so is what restore() moved aside into
+trainstate-quarantine/ unless --quarantined is given. Takes the directory's writer lock, so it fails at once
 (or after --wait seconds) while a CheckpointManager is saving there; leftover temporary entries are removed too.
 
 Examples:
@@ -40,6 +42,8 @@ Examples:
   trainstate prune runs/exp1 --keep-last 2 --keep-best 1 --monitor val_loss
 
   trainstate prune runs/exp1 --keep-every 1000 --keep-last 1
+
+  trainstate prune runs/exp1 --quarantined
 """
 
 
@@ -55,8 +59,6 @@ def _policies(
         policies.append(KeepBest(keep_best, monitor or "", mode.value))
     if keep_every:
         policies.append(KeepEvery(keep_every))
-    if not policies:
-        usage_error("say what to keep: --keep-last N, --keep-best K --monitor METRIC, or --keep-every N")
     return policies
 
 
@@ -82,12 +84,20 @@ def prune(
         int | None, typer.Option(min=1, help="Keep every checkpoint whose step is a multiple.")
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Only show what would be deleted.")] = False,
+    quarantined: Annotated[
+        bool, typer.Option("--quarantined", help=f"Also delete what restore() moved aside into {QUARANTINE_DIR}/.")
+    ] = False,
     wait: Annotated[float, typer.Option(min=0, help="Seconds to wait for a running writer's lock.")] = 0.0,
     json_output: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
     policies = _policies(keep_last, keep_best, monitor, mode, keep_every)
+    if not policies and not quarantined:
+        usage_error(
+            "say what to keep: --keep-last N, --keep-best K --monitor METRIC, or --keep-every N "
+            "(or --quarantined to delete only what restore() moved aside)"
+        )
     ui = UI(json_output=json_output, quiet=quiet)
     found = scan(directory)
     if found.single:
@@ -99,7 +109,8 @@ def prune(
         found = scan(found.directory)  # again, now that no writer can commit or delete under us
         managed = [e for e in found.committed if e.step is not None and parse_step_name(e.name) is not None]
         infos = [CheckpointInfo(e.step, e.metrics) for e in managed if e.step is not None]
-        doomed = set(Retention(tuple(policies)).to_delete(infos))
+        doomed = set(Retention(tuple(policies)).to_delete(infos)) if policies else set()
+        aside = [e for e in found.entries if e.status == "quarantined"] if quarantined else []
         if infos and max(i.step for i in infos) in doomed:  # Retention guarantees it; never trust, verify
             raise AssertionError("retention selected the newest checkpoint for deletion")
         if monitor and not any(e.metric(monitor) is not None for e in managed):
@@ -120,16 +131,30 @@ def prune(
                     "reasons": reasons[entry.step],
                 }
             )
+        for entry in aside:
+            rows.append(
+                {
+                    "name": entry.name,
+                    "step": entry.step,
+                    "metric": entry.metrics.get(monitor) if monitor else None,
+                    "size": entry.size,
+                    "action": "delete",
+                    "reasons": [],
+                }
+            )
         if not dry_run:
+            quarantine = LocalStorage(os.path.join(found.directory, QUARANTINE_DIR))
             for row in rows:
-                if row["action"] == "delete":
+                if row["action"] == "delete" and row["name"].startswith(f"{QUARANTINE_DIR}/"):
+                    quarantine.delete(row["name"].partition("/")[2])
+                elif row["action"] == "delete":
                     storage.delete(row["name"])
             removed = storage.cleanup()
         else:
             removed = found.leftovers
     finally:
         storage.unlock()
-    untouched = [e.name for e in found.entries if e not in managed]
+    untouched = [e.name for e in found.entries if e not in managed and e not in aside]
     deleted = [r for r in rows if r["action"] == "delete"]
     if json_output:
         ui.emit_json(
@@ -157,7 +182,7 @@ def prune(
         action = Text("keep", style="green") if row["action"] == "keep" else Text(verb, style="bold red")
         table.add_row(
             row["name"],
-            str(row["step"]),
+            "-" if row["step"] is None else str(row["step"]),
             *([format_number(row["metric"]) if row["metric"] is not None else "-"] if monitor else []),
             format_bytes(row["size"]),
             action,

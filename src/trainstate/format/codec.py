@@ -33,6 +33,7 @@ __all__ = [
     "TensorSink",
     "TensorSource",
     "format_path",
+    "holds_tensors",
     "is_plain_str",
     "is_stateful",
     "qualified_type",
@@ -181,6 +182,20 @@ class Codec:
     types: tuple[type, ...]
     encode: Callable[[Any, Path, Encoder], Any]
     decode: Callable[[dict[str, Any], Path, Decoder], Any]
+
+
+def holds_tensors(node: Any) -> bool:
+    """Whether an encoded subtree references tensor data (tensors or numpy arrays)."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.get(TAG) in ("tensor", "ndarray"):
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def is_plain_str(text: str) -> bool:
@@ -361,11 +376,14 @@ def _numpy_dtype(text: object) -> np.dtype:
     return np.dtype(text)
 
 
-def _decode_ndarray(node: dict[str, Any], path: Path, dec: Decoder) -> np.ndarray:
+def _decode_ndarray(node: dict[str, Any], path: Path, dec: Decoder) -> np.ndarray | torch.Tensor:
     dtype = _numpy_dtype(node["np_dtype"])
     if dtype.hasobject or dtype.kind not in "biufc":
         raise ValueError(f"numpy dtype {dtype} is not allowed")
-    array = dec.tensor(node, path).cpu().numpy()  # not filled yet: only zero-copy views from here
+    tensor = dec.tensor(node, path)
+    if tensor.is_meta:  # map_location="meta" (peek): shape and dtype only, there is no data to view
+        return tensor
+    array = tensor.cpu().numpy()  # not filled yet: only zero-copy views from here
     if "np_shape" in node:
         return array.view(dtype).reshape([int(d) for d in node["np_shape"]])
     if array.dtype != dtype:

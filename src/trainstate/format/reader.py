@@ -258,6 +258,13 @@ class TensorLoader:
         if not valid_shape(shape_raw):
             raise CorruptCheckpointError(f"{self._reader.where}: {where}: invalid shape {shape_raw!r}")
         shape = tuple(shape_raw)
+        device = self._device_for(ref.get("device", "cpu"), where=where)
+        param = bool(ref.get("param"))
+        requires_grad = bool(ref.get("requires_grad", param))
+        if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
+            raise CorruptCheckpointError(f"{self._reader.where}: {where}: a {dtype} tensor cannot require grad")
+        if device is not None and device.type == "meta":  # as torch.load(map_location="meta"): no data read
+            return _wrap(torch.empty(shape, dtype=dtype, device="meta"), param, requires_grad)
         header = self._header(entry)
         stored = header.get(key)
         file_where = os.path.join(self._reader.where, entry.name)
@@ -268,13 +275,6 @@ class TensorLoader:
                 f"{file_where}: {where}: stored as {stored.st_dtype}{list(stored.shape)}, "
                 f"manifest says {dtype}{list(shape)}"
             )
-        device = self._device_for(ref.get("device", "cpu"), where=where)
-        param = bool(ref.get("param"))
-        requires_grad = bool(ref.get("requires_grad", param))
-        if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
-            raise CorruptCheckpointError(f"{self._reader.where}: {where}: a {dtype} tensor cannot require grad")
-        if device is not None and device.type == "meta":  # as torch.load(map_location="meta"): no data read
-            return _wrap(torch.empty(shape, dtype=dtype, device="meta"), param, requires_grad)
         jobs = self._jobs.setdefault(entry.name, {})
         job = jobs.get(key)
         if job is None:
@@ -348,7 +348,7 @@ class TensorLoader:
         freshly allocated tensors are hashed while they are read (one pass); files with live targets
         are hashed first and read after everything else verified (two passes, from the page cache).
         """
-        names = [e.name for e in self._reader.manifest.files if e.name in self._jobs or self._verify]
+        names = [e.name for e in self._reader.manifest.files if e.name in self._jobs]  # only what is needed
         if not self._verify:
             self._each(names, lambda name: self._fill_file(name, verify=False))
             return

@@ -13,15 +13,16 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
+from trainstate.api import Peek, peek_reader, save_to
 from trainstate.api import restore as restore_checkpoint
-from trainstate.api import save_to
 from trainstate.errors import (
     CheckpointError,
+    CheckpointLockedError,
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
@@ -79,6 +80,8 @@ def checkpoint_info(name: str, metadata: Any, *, where: str) -> CheckpointInfo:
     return CheckpointInfo(step, {k: float(v) for k, v in metrics.items()})
 
 
+_RESERVED_METADATA = ("step", "metrics", "early_stopping")  # beside them, save(metadata=...) entries
+
 _SKIPPABLE = (CorruptCheckpointError, UnsupportedFormatError)
 _MAX_RESCANS = 20
 
@@ -128,12 +131,13 @@ class CheckpointManager:
         monitor: Metric name that defines "best" (and drives ``early_stopping``).
         mode: ``"min"`` or ``"max"``: whether a smaller or larger ``monitor`` is better.
         keep_every: Also keep every checkpoint whose step is a multiple of this.
-        every_n_steps: ``save(..., force=False)`` saves when ``step % every_n_steps == 0``.
-        every_n_seconds: ``save(..., force=False)`` saves when this long has passed since the last save.
+        every_n_steps: `save` saves when ``step % every_n_steps == 0`` (or ``force=True``).
+        every_n_seconds: `save` saves when this long has passed since the last save (or ``force=True``).
+            Without either trigger every `save` call saves.
         async_save: Return from `save` after copying the state to host memory; write in the background.
         early_stopping: Stop (``should_stop``) when ``monitor`` stops improving; its state is checkpointed.
         preemption_signals: Signals (e.g. ``[signal.SIGTERM]``) after which the next
-            ``save(..., force=False)`` saves unconditionally and ``should_stop`` becomes True.
+            `save` saves whatever the triggers say and ``should_stop`` becomes True.
         lock_timeout: Seconds to wait for another writer of the directory (e.g. a ``trainstate prune``)
             before raising CheckpointLockedError; 0 fails at once.
 
@@ -227,6 +231,33 @@ class CheckpointManager:
             raise CheckpointNotFoundError(f"{self.path(step)}: no committed checkpoint for step {step}")
         return dict(info.metrics)
 
+    def metadata(self, step: int) -> dict[str, Any]:
+        """The metadata saved with ``step`` (``save(metadata=...)`` plus step and metrics), read from
+        its manifest; raises CheckpointNotFoundError if it is not committed."""
+        if step not in self.steps():
+            raise CheckpointNotFoundError(f"{self.path(step)}: no committed checkpoint for step {step}")
+        metadata = CheckpointReader(self._storage, step_name(step)).metadata()
+        return dict(metadata) if isinstance(metadata, dict) else {}
+
+    def peek(self) -> Peek | None:
+        """The newest committed checkpoint's plain values and metadata, read from its manifest alone
+        (no tensor data is read: `restore` still verifies, and may fall back to an older one).
+        For building the live objects before restoring into them; None when there is none."""
+        self._check_open()
+        for _ in range(_MAX_RESCANS):
+            self._scan()
+            for candidate in reversed(self.steps()):
+                try:
+                    with CheckpointReader(self._storage, step_name(candidate)) as reader:
+                        return peek_reader(reader)
+                except CheckpointNotFoundError:
+                    break  # removed meanwhile (a concurrent writer's retention): scan again
+                except _SKIPPABLE as exc:
+                    logger.warning("%s: skipping step %d: %s", self.directory, candidate, exc)
+            else:
+                return None
+        return None
+
     @property
     def should_stop(self) -> bool:
         """True after a preemption checkpoint was saved, or when early stopping ran out of patience."""
@@ -242,13 +273,21 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------- save
     def save(
-        self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None = None, *, force: bool = True
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        force: bool = False,
     ) -> bool:
-        """Checkpoint ``state`` as ``step``; returns whether a checkpoint was taken.
+        """Checkpoint ``state`` as ``step`` if a trigger says so; returns whether a checkpoint was taken.
 
-        With ``force=False`` it saves only when a trigger fires (``every_n_steps``,
-        ``every_n_seconds``) or a preemption signal arrived. Retention runs after the commit.
-        An error from an earlier background save is raised here.
+        With ``every_n_steps``/``every_n_seconds`` configured it saves only when one fires, when a
+        preemption signal arrived, or with ``force=True``; without a trigger every call saves.
+        ``metadata`` (JSON-like values, e.g. a model config) is stored beside the manager's own and
+        read back by `peek` without loading any tensor. Retention runs after the commit. An error
+        from an earlier background save is raised here.
         """
         self._check_open()
         if type(step) is not int or step < 0:
@@ -267,7 +306,12 @@ class CheckpointManager:
             logger.warning("%s: step %d is already checkpointed; not saving it again", self.directory, step)
             return False
         clean_metrics = self._check_metrics(metrics)
-        metadata: dict[str, Any] = {"step": step, "metrics": clean_metrics}
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata must be a mapping of JSON-like values, got {type(metadata).__name__}")
+        taken = sorted(set(metadata or {}) & set(_RESERVED_METADATA))
+        if taken:
+            raise ValueError(f"metadata keys {taken} are the manager's own ({', '.join(_RESERVED_METADATA)})")
+        record: dict[str, Any] = {**(metadata or {}), "step": step, "metrics": clean_metrics}
         stopper = None
         if self.early_stopping is not None and self.monitor is not None:
             # Counted on a copy, adopted once the save went through: a failed save counts nothing.
@@ -275,7 +319,7 @@ class CheckpointManager:
             value = metric_value(CheckpointInfo(step, clean_metrics), self.monitor)
             if value is not None:
                 stopper.update(value, self.mode)
-            metadata["early_stopping"] = stopper.state_dict()
+            record["early_stopping"] = stopper.state_dict()
         self._acquire()
         snapshot = capture(adapt_for_save(state)) if self.async_save and not preempted else dict(state)
         env = {"dataloader_workers": _loader_workers(state)}
@@ -283,7 +327,7 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainstate-save")
-        future = self._executor.submit(self._write, step, snapshot, metadata, env)
+        future = self._executor.submit(self._write, step, snapshot, record, env)
         self._inflight = future
         _IN_FLIGHT.add(self)
         if not self.async_save or preempted:
@@ -347,27 +391,70 @@ class CheckpointManager:
         self.wait()
         if step is not None:
             return self._restore_step(step, state, map_location=map_location, strict=strict)
+        damaged: dict[str, str] = {}  # name -> why it was skipped
+        restored = None
         for _ in range(_MAX_RESCANS):
             vanished = self._scan()
             for name in self._broken:
                 logger.warning("%s: skipping %s: no valid committed manifest", self.directory, name)
+                damaged.setdefault(name, "no valid committed manifest")
             for candidate in reversed(self.steps()):
                 try:
-                    return self._restore_step(candidate, state, map_location=map_location, strict=strict)
+                    restored = self._restore_step(candidate, state, map_location=map_location, strict=strict)
+                    break
                 except CheckpointNotFoundError as exc:
                     vanished = True  # e.g. removed by a concurrent writer's retention: look again
                     logger.warning("%s: skipping step %d: %s", self.directory, candidate, exc)
                 except _SKIPPABLE as exc:
                     logger.warning("%s: skipping step %d: %s", self.directory, candidate, exc)
-            if not vanished:
+                    damaged[step_name(candidate)] = str(exc)
+            if restored is not None or not vanished:
                 break
-        return None
+        newer = [n for n in damaged if (parse_step_name(n) or -1) > (-1 if restored is None else restored)]
+        if newer:
+            self._quarantine(newer)
+        return restored
+
+    def _quarantine(self, names: list[str]) -> None:
+        """Move damaged checkpoints newer than the restored one aside, so that the run continues from
+        the restored step: saves, retention and `latest_step` then no longer see them."""
+        took_lock = not self._locked
+        if took_lock:
+            try:
+                self._storage.lock(timeout=0)
+            except CheckpointLockedError:
+                logger.warning(
+                    "%s: cannot move the damaged checkpoints %s aside: another writer holds the lock",
+                    self.directory,
+                    ", ".join(names),
+                )
+                return
+        try:
+            for name in sorted(names):
+                try:
+                    moved = self._storage.quarantine(name)
+                except CheckpointError as exc:
+                    logger.warning("%s: %s", self.directory, exc)
+                    continue
+                logger.warning(
+                    "%s: moved the damaged checkpoint %s aside to %s (kept for a post mortem; "
+                    "`trainstate prune --quarantined` removes it)",
+                    self.directory,
+                    name,
+                    moved,
+                )
+        finally:
+            if took_lock:
+                self._storage.unlock()
+        self._scan()
 
     def _restore_step(self, step: int, state: Mapping[str, Any], *, map_location: MapLocation, strict: bool) -> int:
         with CheckpointReader(self._storage, step_name(step)) as reader:
-            reader.verify()
             self._compare_environment(reader, state)
-            loaded = restore_checkpoint(reader, state, map_location=map_location, strict=strict, verify=False)
+            # Verified while read (each byte once), every file before any byte lands in a live object.
+            loaded = restore_checkpoint(
+                reader, state, map_location=map_location, strict=strict, on_skipped=self._warn_skipped(step)
+            )
             metadata = reader.metadata() or {}
         if isinstance(state, MutableMapping):
             for key, value in loaded.items():
@@ -456,8 +543,9 @@ class CheckpointManager:
             return {}
         clean: dict[str, float] = {}
         for key, value in metrics.items():
+            detach = getattr(value, "detach", None)  # a loss tensor that requires grad: no torch warning
             try:
-                clean[str(key)] = float(value)
+                clean[str(key)] = float(detach() if callable(detach) else value)
             except (TypeError, ValueError):
                 raise ValueError(f"metric {key!r}: {value!r} is not a number") from None
         if self.monitor is not None and self.monitor not in clean:
@@ -473,6 +561,18 @@ class CheckpointManager:
                 clean[self.monitor],
             )
         return clean
+
+    def _warn_skipped(self, step: int) -> Callable[[list[str]], None]:
+        def warn(names: list[str]) -> None:
+            logger.warning(
+                "%s: step %d holds %s, which the state given to restore() does not name: not restored "
+                "(a forgotten optimizer or scheduler?); use trainstate.load(path, {...}) for a partial load",
+                self.directory,
+                step,
+                ", ".join(repr(n) for n in names),
+            )
+
+        return warn
 
     def _compare_environment(self, reader: CheckpointReader, state: Mapping[str, Any]) -> None:
         saved = reader.manifest.environment

@@ -87,12 +87,15 @@ class Retention:
 
 @dataclass(frozen=True)
 class SaveTrigger:
-    """When ``save(..., force=False)`` actually saves: every n steps and/or every n seconds."""
+    """When ``save(step, state)`` actually saves: every n steps and/or every n seconds; with neither
+    configured, at every call."""
 
     every_n_steps: int | None = None
     every_n_seconds: float | None = None
 
     def should_save(self, step: int, now: float, last_save_time: float | None) -> bool:
+        if self.every_n_steps is None and self.every_n_seconds is None:
+            return True
         if self.every_n_steps is not None and step % self.every_n_steps == 0:
             return True
         if self.every_n_seconds is not None:

@@ -6,6 +6,7 @@ import os
 
 from trainstate.storage.base import (
     MANIFEST_NAME,
+    QUARANTINE_DIR,
     TEMP_PREFIX,
     PendingCheckpoint,
     Storage,
@@ -16,6 +17,7 @@ from trainstate.storage.local import LocalStorage, atomic_write_file
 
 __all__ = [
     "MANIFEST_NAME",
+    "QUARANTINE_DIR",
     "TEMP_PREFIX",
     "LocalStorage",
     "PendingCheckpoint",

@@ -13,6 +13,7 @@ from trainstate.errors import CorruptCheckpointError
 
 __all__ = [
     "MANIFEST_NAME",
+    "QUARANTINE_DIR",
     "TEMP_PREFIX",
     "PendingCheckpoint",
     "ReadableFile",
@@ -23,6 +24,10 @@ __all__ = [
 
 MANIFEST_NAME = "manifest.json"
 """The file whose presence makes a checkpoint exist; it is written last."""
+
+QUARANTINE_DIR = "trainstate-quarantine"
+"""Where checkpoints that failed verification are moved aside (kept for a post mortem, never deleted
+silently): ``trainstate ls`` shows them, ``trainstate prune --quarantined`` removes them."""
 
 TEMP_PREFIX = ".trainstate-tmp-"
 """Entries whose name starts with this are in-progress or abandoned writes, never checkpoints."""
@@ -139,6 +144,12 @@ class Storage(ABC):
     def delete(self, name: str) -> None:
         """Remove checkpoint ``name`` so it is no longer listed as committed, then its files.
         A missing checkpoint is not an error."""
+
+    @abstractmethod
+    def quarantine(self, name: str) -> str:
+        """Move checkpoint ``name`` into `QUARANTINE_DIR` under a new unique name (atomically: it is
+        listed under one name or the other) and return that path relative to the root. Only call
+        while holding the writer lock. Raises CheckpointWriteError if it cannot be moved."""
 
     @abstractmethod
     def cleanup(self) -> builtins.list[str]:

@@ -26,6 +26,7 @@ from trainstate.errors import (
 )
 from trainstate.storage.base import (
     MANIFEST_NAME,
+    QUARANTINE_DIR,
     TEMP_PREFIX,
     Buffer,
     PendingCheckpoint,
@@ -341,6 +342,24 @@ class LocalStorage(Storage):
         except OSError as exc:  # at worst a complete, valid checkpoint reappears after a power loss
             logger.warning("%s: fsync after removing %s failed: %s", self.root, name, exc)
         _remove(trash)
+
+    def quarantine(self, name: str) -> str:
+        path = self._path(name)
+        aside = os.path.join(self.root, QUARANTINE_DIR)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        try:
+            os.makedirs(aside, exist_ok=True)
+            target = next(
+                candidate
+                for n in range(1, 10_000)
+                if not os.path.lexists(os.path.join(aside, candidate := f"{name}@{stamp}" + (f"-{n}" if n > 1 else "")))
+            )
+            os.rename(path, os.path.join(aside, target))
+            _fsync_dir(aside)
+            _fsync_dir(self.root)
+        except OSError as exc:
+            raise _write_error("moving aside", path, exc, outcome="it was left where it is") from exc
+        return os.path.join(QUARANTINE_DIR, target)
 
     def cleanup(self) -> builtins.list[str]:
         try:
