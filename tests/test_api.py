@@ -324,3 +324,36 @@ def test_empty_first_tensor_and_files_split_per_top_level_entry(tmp_path, make_m
     for path in sorted((tmp_path / "c").glob("*.safetensors")):
         tensors[path.name] = set(safetensors.torch.load_file(path))
     assert list(tensors.values())[0] == {"model.weight", "model.bias"}  # the model's file holds only the model
+
+
+def test_wrapped_modules_save_their_own_keys_and_load_either_way(tmp_path, make_mlp):
+    model = make_mlp(0)
+    compiled = torch.compile(model)  # an OptimizedModule; nothing is compiled until it is called
+    parallel = torch.nn.DataParallel(make_mlp(0))  # on CPU it only wraps
+    assert next(iter(compiled.state_dict())).startswith("_orig_mod.")
+    trainstate.save(tmp_path / "c", {"model": compiled, "parallel": parallel})
+    saved = trainstate.load(tmp_path / "c")
+    assert list(saved["model"]) == list(model.state_dict()) == list(saved["parallel"])
+    for target in (make_mlp(1), torch.compile(make_mlp(1)), torch.nn.DataParallel(make_mlp(1))):
+        trainstate.load(tmp_path / "c", {"model": target})
+        assert torch.equal(trainstate.format.codec.unwrap_module(target)[0].weight, model[0].weight)
+
+
+def test_prefixed_state_dicts_from_other_tools_load_into_a_plain_module(tmp_path, make_mlp):
+    model = make_mlp(0)
+    trainstate.save(tmp_path / "c", {"model": torch.compile(model).state_dict()})  # a plain dict, prefixed
+    target = make_mlp(1)
+    trainstate.load(tmp_path / "c", {"model": target})
+    assert torch.equal(target[0].weight, model[0].weight)
+
+
+def test_rename_maps_saved_module_keys(tmp_path, make_mlp):
+    model = make_mlp(0)
+    saved = {f"backbone.{k}": v for k, v in model.state_dict().items()} | {"head.extra": torch.ones(1)}
+    trainstate.save(tmp_path / "c", {"model": saved})
+    target = make_mlp(1)
+    rename = lambda key: None if key.startswith("head.") else key.removeprefix("backbone.")  # noqa: E731
+    trainstate.load(tmp_path / "c", {"model": target}, rename=rename)
+    assert torch.equal(target[2].bias, model[2].bias)
+    with pytest.raises(trainstate.StateMismatchError, match="unexpected keys"):
+        trainstate.load(tmp_path / "c", {"model": make_mlp(1)})

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from trainstate.errors import CorruptCheckpointError, StateMismatchError, UnsupportedValueError
-from trainstate.format.codec import TAG, Path, format_path, holds_tensors, is_stateful
+from trainstate.format.codec import TAG, Path, format_path, holds_tensors, is_stateful, unwrap_module
 from trainstate.format.reader import CheckpointReader, MapLocation, TensorLoader
 from trainstate.format.writer import DEFAULT_SHARD_BYTES, write_checkpoint
 from trainstate.loaders import adapt_for_save, is_stateful_loader, restore_loader
@@ -110,6 +110,7 @@ def load(
     strict: bool = True,
     verify: bool = True,
     allow_pickle: bool = False,
+    rename: Rename | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint; restore live objects in ``state`` in place and return the saved entries.
 
@@ -129,6 +130,10 @@ def load(
             module tensors; with False, load what fits and log a warning for the rest.
         verify: Check content hashes (on by default; disable only for trusted hot paths).
         allow_pickle: Permit values that were saved with ``allow_pickle=True``.
+        rename: Applied to every saved key of a module's state dict before it is matched against the
+            live module (``lambda k: k.removeprefix("backbone.")``); return None to drop a key. A
+            ``torch.compile`` / DDP wrapper needs none: trainstate saves the wrapped module's own
+            keys and drops an ``_orig_mod.``/``module.`` prefix the live module does not have.
 
     Example:
         >>> import torch, trainstate
@@ -145,6 +150,7 @@ def load(
             strict=strict,
             verify=verify,
             allow_pickle=allow_pickle,
+            rename=rename,
         )
 
 
@@ -205,12 +211,14 @@ def restore(
     strict: bool = True,
     verify: bool = True,
     allow_pickle: bool = False,
-    on_skipped: Callable[[list[str]], None] | None = None,
+    rename: Rename | None = None,
+    on_unnamed: Callable[[list[str]], None] | None = None,
 ) -> dict[str, Any]:
-    """`load` from an opened checkpoint; ``on_skipped`` gets the saved entries ``state`` does not name."""
+    """`load` from an opened checkpoint; ``on_unnamed`` gets the saved live objects and tensors that
+    ``state`` does not name (not restored; tensors among them not even read)."""
     destinations: dict[Path, torch.Tensor] = {}
     loader = TensorLoader(reader, map_location=map_location, verify=verify, destinations=destinations.get)
-    restorer = _Restorer(reader, loader, destinations, strict=strict, allow_pickle=allow_pickle)
+    restorer = _Restorer(reader, loader, destinations, strict=strict, allow_pickle=allow_pickle, rename=rename)
     if state is None:
         result = reader.decode(reader.manifest.tree, loader, allow_pickle=allow_pickle)
     else:
@@ -219,12 +227,14 @@ def restore(
         raise CorruptCheckpointError(f"{reader.where}: the saved state is a {type(result).__name__}, not a mapping")
     loader.fill()
     restorer.apply()
-    if restorer.skipped and on_skipped is not None:
-        on_skipped(restorer.skipped)
+    if restorer.unnamed and on_unnamed is not None:
+        on_unnamed(restorer.unnamed)
     return result
 
 
 _IN_PLACE_TYPES = (torch.nn.Module, torch.optim.Optimizer)
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DistributedDataParallel / DataParallel
+Rename = Callable[[str], "str | None"]
 
 
 def _flatten(value: Any, path: Path, out: dict[Path, torch.Tensor]) -> None:
@@ -257,14 +267,16 @@ class _Restorer:
         *,
         strict: bool,
         allow_pickle: bool,
+        rename: Rename | None = None,
     ) -> None:
         self._reader = reader
+        self._rename = rename
         self._loader = loader
         self._destinations = destinations
         self._strict = strict
         self._allow_pickle = allow_pickle
         self._pending: list[tuple[Any, Any, Path]] = []
-        self.skipped: list[str] = []  # saved entries the target state does not name
+        self.unnamed: list[str] = []  # saved live objects and tensors the target state does not name
 
     def _decode(self, node: Any, path: Path) -> Any:
         return self._reader.decode(node, self._loader, allow_pickle=self._allow_pickle, path=path)
@@ -280,17 +292,20 @@ class _Restorer:
     def walk(self, node: Any, target: Any, path: Path) -> Any:
         tag = node.get(TAG) if isinstance(node, dict) else None
         if is_stateful(target):
-            return self._live(node["v"] if tag == "stateful" and "v" in node else node, target, path)
+            self._live(node["v"] if tag == "stateful" and "v" in node else node, unwrap_module(target), path)
+            return target
         if not isinstance(target, Mapping) or tag not in ("dict", "odict"):
             return self._decode(node, path)
         result: dict[Any, Any] = {}
         for key, child in self._children(node, path):
             if key in target:
                 result[key] = self.walk(child, target[key], (*path, key))
-            elif holds_tensors(child):  # not asked for: not read (a load of the model alone reads its files only)
-                self.skipped.append(format_path((*path, key)))
-            else:  # plain values live in the manifest: returned, as torch.load would
+                continue
+            if holds_tensors(child) or (isinstance(child, dict) and child.get(TAG) == "stateful"):
+                self.unnamed.append(format_path((*path, key)))  # a live object's state, or tensors
+            if not holds_tensors(child):  # plain values live in the manifest: returned, as torch.load would
                 result[key] = self._decode(child, (*path, key))
+            # tensors not asked for are not read: a load of the model alone reads only its files
         for key, value in target.items():
             if key not in result and _contains_stateful(value):
                 self._mismatch(
@@ -299,7 +314,7 @@ class _Restorer:
                 )
         return result
 
-    def _live(self, node: Any, target: Any, path: Path) -> Any:
+    def _live(self, node: Any, target: Any, path: Path) -> None:
         live_state = target.state_dict()
         if isinstance(target, _IN_PLACE_TYPES):
             # Their load_state_dict copies into (or adopts) these very tensors, so reading the bytes
@@ -311,7 +326,6 @@ class _Restorer:
         elif isinstance(target, torch.optim.Optimizer):
             self._check_optimizer(decoded, live_state, path)
         self._pending.append((target, decoded, path))
-        return target
 
     def _check_optimizer(self, decoded: Any, expected: Mapping[str, Any], path: Path) -> None:
         """What ``Optimizer.load_state_dict`` would refuse, refused before any byte is read in place."""
@@ -336,6 +350,7 @@ class _Restorer:
                 f"{self._reader.where}: key {format_path(path)!r}: saved value is a "
                 f"{type(decoded).__name__}, not a module state dict"
             )
+        decoded = self._plain_keys(decoded, expected)
         missing = [k for k in expected if k not in decoded]
         unexpected = [k for k in decoded if k not in expected]
         if missing or unexpected:
@@ -356,6 +371,32 @@ class _Restorer:
                 self._mismatch(what)
                 del decoded[key]
         return decoded
+
+    def _plain_keys(self, decoded: dict[str, Any], expected: Mapping[str, Any]) -> dict[str, Any]:
+        """Saved module keys as the live module names them: ``rename`` applied, and a wrapper's
+        ``_orig_mod.`` / ``module.`` prefix dropped when the live module has none (state dicts of
+        compiled or DDP models saved by other tools)."""
+        rename = self._rename
+        for prefix in _WRAPPER_PREFIXES:
+            if rename is None and decoded and all(str(k).startswith(prefix) for k in decoded):
+                if not any(str(k).startswith(prefix) for k in expected):
+                    rename = lambda key, prefix=prefix: key[len(prefix) :]  # noqa: E731
+        if rename is None:
+            return decoded
+        renamed: dict[str, Any] = type(decoded)()
+        for key, value in decoded.items():
+            new = rename(key)
+            if new is not None:
+                renamed[new] = value
+        meta = getattr(decoded, "_metadata", None)
+        if isinstance(meta, dict):  # per-module versions, keyed by module prefix ("" is the root)
+            versions = type(meta)()
+            for prefix, version in meta.items():
+                new_prefix = rename(f"{prefix}.") if prefix else ""
+                if new_prefix is not None:
+                    versions[new_prefix.removesuffix(".")] = version
+            renamed._metadata = versions  # type: ignore[attr-defined]
+        return renamed
 
     def _mismatch(self, message: str) -> None:
         if self._strict:

@@ -3,6 +3,7 @@ preemption, early stopping, async saves and bad input."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -133,10 +134,13 @@ def test_next_writer_removes_stale_temporaries(tmp_path):
     assert os.listdir(tmp_path) == ["step_00000008"]
 
 
-def test_triggers_decide_when_force_false_saves(tmp_path):
-    with CheckpointManager(tmp_path, keep_last=None, every_n_steps=3) as mgr:
-        saved = [step for step in range(1, 10) if mgr.save(step, model_state(), force=False)]
+def test_triggers_decide_when_a_plain_save_saves(tmp_path):
+    with CheckpointManager(tmp_path / "a", keep_last=None, every_n_steps=3) as mgr:
+        saved = [step for step in range(1, 10) if mgr.save(step, model_state())]
+        assert mgr.save(10, model_state(), force=True)  # force overrides the trigger
     assert saved == [3, 6, 9]
+    with CheckpointManager(tmp_path / "b", keep_last=None) as mgr:  # no trigger: every call saves
+        assert [step for step in range(1, 4) if mgr.save(step, model_state())] == [1, 2, 3]
 
 
 def test_preemption_signal_forces_a_save_and_asks_to_stop(tmp_path):
@@ -322,3 +326,125 @@ def test_a_failed_save_does_not_count_as_an_early_stopping_evaluation(tmp_path, 
         monkeypatch.undo()
         mgr.save(2, model_state(), {"val_loss": 2.0})
         assert mgr.early_stopping.bad_evaluations == 1
+
+
+def _damage_data(checkpoint: str) -> None:
+    for name in os.listdir(checkpoint):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(checkpoint, name), "r+b") as f:
+                f.seek(-1, os.SEEK_END)
+                last = f.read(1)
+                f.seek(-1, os.SEEK_END)
+                f.write(bytes([last[0] ^ 0xFF]))
+
+
+def test_fallback_moves_damaged_newer_checkpoints_aside_and_the_run_goes_on(tmp_path, caplog):
+    from typer.testing import CliRunner
+
+    from trainstate.cli.app import app
+    from trainstate.storage import QUARANTINE_DIR
+
+    with CheckpointManager(tmp_path, keep_last=None) as mgr:
+        for step in (1, 2, 3, 4):
+            mgr.save(step, model_state(step))
+    for step in (3, 4):
+        _damage_data(str(tmp_path / f"step_{step:08d}"))  # manifests intact: only the data is bad
+    state = model_state(9)
+    with CheckpointManager(tmp_path, keep_last=3) as mgr:
+        assert mgr.restore(state) == 2
+        assert mgr.steps() == [1, 2] and mgr.latest_step() == 2
+        assert mgr.save(3, model_state(3)) and mgr.save(4, model_state(4)) and mgr.save(5, model_state(5))
+        assert mgr.steps() == [3, 4, 5]  # retention works on the new ones
+    assert_same(state["model"].state_dict(), model_state(2)["model"].state_dict())
+    aside = sorted(os.listdir(tmp_path / QUARANTINE_DIR))
+    assert [name.partition("@")[0] for name in aside] == ["step_00000003", "step_00000004"]
+    assert "moved the damaged checkpoint step_00000004 aside" in caplog.text
+
+    runner = CliRunner()
+    listing = json.loads(runner.invoke(app, ["ls", str(tmp_path), "--json"]).stdout)
+    assert [(e["step"], e["status"]) for e in listing] == [
+        (3, "ok"),
+        (4, "ok"),
+        (5, "ok"),
+        (3, "quarantined"),
+        (4, "quarantined"),
+    ]
+    assert runner.invoke(app, ["prune", str(tmp_path), "--quarantined"]).exit_code == 0
+    assert os.listdir(tmp_path / QUARANTINE_DIR) == []
+    assert trainstate.CheckpointManager(tmp_path).steps() == [3, 4, 5]
+
+
+def test_fallback_to_nothing_moves_every_damaged_checkpoint_aside(tmp_path):
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, model_state(1))
+    _damage_data(str(tmp_path / "step_00000001"))
+    with CheckpointManager(tmp_path) as mgr:
+        assert mgr.restore(model_state()) is None
+        assert mgr.save(1, model_state(1))  # a fresh start saves normally
+
+
+def test_a_reader_does_not_move_anything_while_another_writer_holds_the_lock(tmp_path, caplog):
+    with CheckpointManager(tmp_path) as writer:
+        writer.save(1, model_state(1))
+        writer.save(2, model_state(2))
+        _damage_data(str(tmp_path / "step_00000002"))
+        with CheckpointManager(tmp_path) as reader:
+            assert reader.restore(model_state()) == 1
+        assert "another writer holds the lock" in caplog.text
+        assert writer.steps() == [1, 2]
+
+
+def test_restore_warns_about_saved_entries_the_state_lacks(tmp_path, caplog):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"model": model, "optimizer": optimizer, "epoch": 3})
+        assert mgr.restore({"model": torch.nn.Linear(3, 2)}) == 1
+    assert "holds 'optimizer', which the state given to restore() does not name" in caplog.text
+
+
+def test_partial_load_reads_only_the_files_it_needs(tmp_path):
+    model = torch.nn.Linear(600, 600)  # 1.4 MB: the optimizer's moments go to a file of their own
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 600)).sum().backward()
+    optimizer.step()
+    trainstate.save(tmp_path / "c", {"model": model, "optimizer": optimizer, "epoch": 3})
+    files = sorted(f for f in os.listdir(tmp_path / "c") if f.endswith(".safetensors"))
+    assert len(files) == 2
+    _damage_file = tmp_path / "c" / files[1]
+    data = bytearray(_damage_file.read_bytes())
+    data[-1] ^= 0xFF
+    _damage_file.write_bytes(bytes(data))  # only the optimizer's file is bad
+    fresh = torch.nn.Linear(600, 600)
+    loaded = trainstate.load(tmp_path / "c", {"model": fresh})  # never opens the optimizer's file
+    assert loaded["epoch"] == 3 and "optimizer" not in loaded
+    assert torch.equal(fresh.weight, model.weight)
+    with pytest.raises(trainstate.CorruptCheckpointError, match=files[1]):
+        trainstate.load(tmp_path / "c", {"model": fresh, "optimizer": torch.optim.Adam(fresh.parameters())})
+
+
+def test_metadata_and_peek_read_no_tensor_data(tmp_path):
+    config = {"n_layer": 2, "n_embd": 8, "dropout": 0.1}
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, model_state(1), {"loss": 2.0}, metadata={"model_args": config})
+        mgr.save(2, {**model_state(2), "iter_num": 2}, metadata={"model_args": config, "best_val_loss": 1.5})
+        with pytest.raises(ValueError, match="the manager's own"):
+            mgr.save(3, model_state(), metadata={"step": 7})
+        assert mgr.metadata(2)["best_val_loss"] == 1.5 and mgr.metadata(1)["metrics"] == {"loss": 2.0}
+    _damage_data(str(tmp_path / "step_00000002"))  # peek reads manifests only: it does not notice
+    with CheckpointManager(tmp_path) as mgr:
+        found = mgr.peek()
+    assert found is not None and found.step == 2 and found.metadata["model_args"] == config
+    assert found.state["iter_num"] == 2 and found.state["model"]["weight"].is_meta
+    assert found.state["model"]["weight"].shape == (2, 3)
+    assert trainstate.peek(tmp_path / "step_00000001").metadata["model_args"] == config
+    with CheckpointManager(tmp_path / "empty") as mgr:
+        assert mgr.peek() is None
+
+
+def test_a_metric_tensor_that_requires_grad_needs_no_torch_warning(tmp_path, recwarn):
+    loss = (torch.ones(2, requires_grad=True) * 2).sum()
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, model_state(), {"loss": loss})
+        assert mgr.metrics(1) == {"loss": 4.0}
+    assert not [w for w in recwarn if "requires_grad" in str(w.message)]

@@ -37,6 +37,7 @@ __all__ = [
     "is_plain_str",
     "is_stateful",
     "qualified_type",
+    "unwrap_module",
 ]
 
 TAG = "@"
@@ -424,7 +425,25 @@ def qualified_type(value: Any) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
+def unwrap_module(value: Any) -> Any:
+    """The module inside ``torch.compile`` (``_orig_mod``), ``DistributedDataParallel`` and
+    ``DataParallel`` (``module``) wrappers, else ``value``: a checkpoint must not depend on how the
+    model happened to be wrapped (their state dict keys carry ``_orig_mod.`` / ``module.``)."""
+    while isinstance(value, torch.nn.Module):
+        if type(value).__name__ == "OptimizedModule":
+            inner = getattr(value, "_orig_mod", None)
+        elif isinstance(value, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            inner = getattr(value, "module", None)
+        else:
+            return value
+        if not isinstance(inner, torch.nn.Module):
+            return value
+        value = inner
+    return value
+
+
 def _encode_stateful(value: Any, path: Path, enc: Encoder) -> dict[str, Any]:
+    value = unwrap_module(value)
     return {TAG: "stateful", "type": qualified_type(value), "v": enc.encode(value.state_dict(), path)}
 
 

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
-from trainstate.api import Peek, peek_reader, save_to
+from trainstate.api import Peek, Rename, peek_reader, save_to
 from trainstate.api import restore as restore_checkpoint
 from trainstate.errors import (
     CheckpointError,
@@ -378,19 +378,24 @@ class CheckpointManager:
         *,
         map_location: MapLocation = None,
         strict: bool = True,
+        rename: Rename | None = None,
     ) -> int | None:
         """Restore ``state`` in place from the newest checkpoint that verifies (or from ``step``).
 
         Live objects are restored in place; plain entries of ``state`` (an epoch counter, a tensor)
         are replaced by their saved values in the mapping itself. Checkpoints that fail verification
         are skipped with a warning naming each; an error about the state itself (a key, shape or
-        device that does not fit) is raised, never skipped. Returns the restored step, or None when
-        there is nothing to restore.
+        device that does not fit) is raised, never skipped. Damaged checkpoints newer than the one
+        restored are moved aside into ``trainstate-quarantine/`` so the run continues from the
+        restored step. Saved live objects and tensors that ``state`` does not name are not restored
+        (a warning names them). ``rename`` maps saved module keys as for `trainstate.load`. Returns
+        the restored step, or None when there is nothing to restore; `metadata` gives what it was
+        saved with.
         """
         self._check_open()
         self.wait()
         if step is not None:
-            return self._restore_step(step, state, map_location=map_location, strict=strict)
+            return self._restore_step(step, state, map_location=map_location, strict=strict, rename=rename)
         damaged: dict[str, str] = {}  # name -> why it was skipped
         restored = None
         for _ in range(_MAX_RESCANS):
@@ -400,7 +405,9 @@ class CheckpointManager:
                 damaged.setdefault(name, "no valid committed manifest")
             for candidate in reversed(self.steps()):
                 try:
-                    restored = self._restore_step(candidate, state, map_location=map_location, strict=strict)
+                    restored = self._restore_step(
+                        candidate, state, map_location=map_location, strict=strict, rename=rename
+                    )
                     break
                 except CheckpointNotFoundError as exc:
                     vanished = True  # e.g. removed by a concurrent writer's retention: look again
@@ -448,12 +455,19 @@ class CheckpointManager:
                 self._storage.unlock()
         self._scan()
 
-    def _restore_step(self, step: int, state: Mapping[str, Any], *, map_location: MapLocation, strict: bool) -> int:
+    def _restore_step(
+        self, step: int, state: Mapping[str, Any], *, map_location: MapLocation, strict: bool, rename: Rename | None
+    ) -> int:
         with CheckpointReader(self._storage, step_name(step)) as reader:
             self._compare_environment(reader, state)
             # Verified while read (each byte once), every file before any byte lands in a live object.
             loaded = restore_checkpoint(
-                reader, state, map_location=map_location, strict=strict, on_skipped=self._warn_skipped(step)
+                reader,
+                state,
+                map_location=map_location,
+                strict=strict,
+                rename=rename,
+                on_unnamed=self._warn_unnamed(step),
             )
             metadata = reader.metadata() or {}
         if isinstance(state, MutableMapping):
@@ -562,7 +576,7 @@ class CheckpointManager:
             )
         return clean
 
-    def _warn_skipped(self, step: int) -> Callable[[list[str]], None]:
+    def _warn_unnamed(self, step: int) -> Callable[[list[str]], None]:
         def warn(names: list[str]) -> None:
             logger.warning(
                 "%s: step %d holds %s, which the state given to restore() does not name: not restored "

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainstate.format.codec import is_stateful, qualified_type
+from trainstate.format.codec import is_stateful, qualified_type, unwrap_module
 from trainstate.format.tensorfile import alias_key
 
 __all__ = ["Captured", "capture"]
@@ -60,6 +60,7 @@ def capture(state: Mapping[str, Any]) -> dict[str, Any]:
         if type(value) in (list, tuple):
             return type(value)(walk(v) for v in value)
         if is_stateful(value):
+            value = unwrap_module(value)
             return Captured(qualified_type(value), walk(value.state_dict()))
         return value  # plain values are immutable or refused by the codec later, as in a sync save
 
