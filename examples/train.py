@@ -60,6 +60,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-2, total_steps=args.total_steps)
     loader = make_loader(make_dataset(), args.loader, args.workers)
+    sampler = loader.sampler
     state = {
         "model": model,
         "optimizer": optimizer,
@@ -85,9 +86,9 @@ def main() -> None:
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                epoch = getattr(state["loader"], "epoch", None)
+                epoch = sampler.state_dict()["epoch"]  # the epoch of the batch the loop got
                 print(f"step {step} epoch {epoch} loss {loss.item().hex()}", flush=True)
-                manager.save(step, state, metrics={"loss": loss.item()}, force=step == args.total_steps)
+                manager.save(step, state, metrics={"loss": loss}, force=step == args.total_steps)
                 if manager.should_stop:
                     print(f"stopping: {manager.stop_reason}", flush=True)
                     break

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import trainstate
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
@@ -33,14 +35,25 @@ def test_tutorial_script_reports_identical():
     assert "identical: True" in out.stdout
 
 
-def test_main_demo_kills_resumes_and_reports_identical():
+def _demo(*args: str) -> str:
     out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "resume_demo.py"), "--total-steps", "30", "--kill-at", "12"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, str(EXAMPLES / "resume_demo.py"), *args], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    resumed = re.search(r"resumed from the checkpoint of step (\d+)", out.stdout)
-    assert resumed and 10 <= int(resumed.group(1)) < 30  # killed after step 12 (or a little later)
-    assert "identical: True" in out.stdout and "NO" not in out.stdout
+    return " ".join(out.stdout.split())  # rich wraps long lines
+
+
+def test_main_demo_kills_resumes_and_reports_identical(tmp_path):
+    out = _demo("--total-steps", "30", "--kill-at", "12", "--dir", str(tmp_path / "demo"))
+    killed = re.search(r"kill -9 after step (\d+) \(epoch (\d) of 3, (mid-epoch|at its last batch)\)", out)
+    assert killed and int(killed.group(1)) >= 12, out  # the run may get a little past 12 before the signal lands
+    assert killed.group(3) == ("at its last batch" if int(killed.group(1)) % 13 == 0 else "mid-epoch")
+    resumed = re.search(r"resumed from the checkpoint of step (\d+)", out)
+    assert resumed and 10 <= int(resumed.group(1)) <= int(killed.group(1)), out
+    assert "identical: True" in out and "NO" not in out
+    assert trainstate.CheckpointManager(tmp_path / "demo" / "resumed").latest_step() == 30  # kept for the CLI
+
+
+def test_main_demo_says_what_happened_when_there_was_nothing_to_resume():
+    out = _demo("--total-steps", "8", "--kill-at", "50")
+    assert "the run finished before step 50: nothing was killed" in out and "identical: True" in out

@@ -1,5 +1,6 @@
-"""Runs examples/train.py, but SIGKILLs itself inside the commit of step $KILL_DURING_SAVE_STEP:
-after every file of that checkpoint is written and fsynced, just before the rename publishes it."""
+"""Runs examples/train.py (or the example named by $KILL_DURING_SAVE_SCRIPT), but SIGKILLs itself inside
+the commit of step $KILL_DURING_SAVE_STEP: after every file of that checkpoint is written and fsynced, just
+before the rename publishes it."""
 
 from __future__ import annotations
 
@@ -22,6 +23,6 @@ def commit_then_die(self: local._LocalPending) -> None:
 
 
 local._LocalPending.commit = commit_then_die  # type: ignore[method-assign]
-script = Path(__file__).resolve().parents[2] / "examples" / "train.py"
+script = Path(__file__).resolve().parents[2] / "examples" / os.environ.get("KILL_DURING_SAVE_SCRIPT", "train.py")
 sys.argv = [str(script), *sys.argv[1:]]
 runpy.run_path(str(script), run_name="__main__")

@@ -40,8 +40,9 @@ def _launch(
     stop_at: int | None = None,
     sig: signal.Signals = signal.SIGKILL,
     env: dict[str, str] | None = None,
+    total: int = TOTAL,
 ) -> int:
-    cmd = [sys.executable, str(script), "--dir", str(directory), "--total-steps", str(TOTAL), *args]
+    cmd = [sys.executable, str(script), "--dir", str(directory), "--total-steps", str(total), *args]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, cwd=ROOT
     )
@@ -53,7 +54,7 @@ def _launch(
         if words[:1] == ["start"]:
             run.starts.append(int(words[1]))
         if words[:1] == ["step"]:
-            run.losses[int(words[1])] = words[5]  # a rerun step overrides the killed run's value
+            run.losses[int(words[1])] = words[words.index("loss") + 1]  # a rerun step overrides the killed run's
             if stop_at is not None and int(words[1]) == stop_at and not signalled:
                 proc.send_signal(sig)
                 signalled = True
@@ -159,3 +160,25 @@ def test_stateful_dataloader_resumes_bit_identically(tmp_path, reference, worker
     assert _launch(TRAIN, tmp_path, args, run) == 0, "".join(run.outputs)
     assert 15 <= run.starts[1] <= printed
     _assert_identical(reference(args), run, tmp_path)
+
+
+def test_killed_run_with_damaged_newest_checkpoints_falls_back_and_finishes(tmp_path, reference):
+    """The trial's case: the data files of the two newest checkpoints damaged (manifests intact), then a
+    restart. It must resume from the third, save and retain normally past the damaged steps, and finish
+    with the uninterrupted run's losses and final state; the damaged ones are kept aside, not deleted."""
+    args = ["--save-every", "4"]
+    run = Run()
+    assert _launch(TRAIN, tmp_path, args, run, stop_at=22) == -signal.SIGKILL
+    steps = trainstate.CheckpointManager(tmp_path).steps()
+    assert len(steps) == 3  # keep_last=3
+    for step in steps[-2:]:
+        for data in (tmp_path / f"step_{step:08d}").glob("*.safetensors"):
+            raw = bytearray(data.read_bytes())
+            raw[len(raw) // 2] ^= 0x40
+            data.write_bytes(bytes(raw))
+    assert _launch(TRAIN, tmp_path, args, run) == 0, "".join(run.outputs)
+    assert run.starts[1] == steps[0]
+    _assert_identical(reference(args), run, tmp_path)
+    aside = sorted(p.name.partition("@")[0] for p in (tmp_path / "trainstate-quarantine").iterdir())
+    assert aside == [f"step_{s:08d}" for s in steps[-2:]]
+    assert trainstate.CheckpointManager(tmp_path).latest_step() == TOTAL
