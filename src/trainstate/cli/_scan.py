@@ -166,7 +166,7 @@ def _quarantined(directory: str) -> list[Entry]:
         entry = _entry(aside, name)
         if entry is None:
             continue
-        why = entry.problem or "verified its manifest, but a data file failed"
+        why = entry.problem or "a data file failed verification"
         entry.name = f"{QUARANTINE_DIR}/{name}"
         entry.step = parse_step_name(name.partition("@")[0])
         entry.status, entry.problem = "quarantined", f"{entry.path}: moved aside by restore(): {why}"
