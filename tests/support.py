@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -95,3 +95,36 @@ def tensor_refs(node: Any, path: tuple[Any, ...] = ()) -> Iterator[dict[str, Any
     elif isinstance(node.get("items"), list):
         for key, child in node["items"]:
             yield from tensor_refs(child, (*path, key))
+
+
+Position = tuple[int, int]  # (epoch, batches the loop has had in it; 0 = before the epoch's iter())
+
+
+def epoch_loop(
+    state: dict[str, Any],
+    epoch_batches: Callable[[], Iterable[Any]],
+    *,
+    epochs: int,
+    stop: Position | None = None,
+    resume: tuple[os.PathLike[str] | str, Position] | None = None,
+    save_to: os.PathLike[str] | str | None = None,
+) -> list[tuple[int, list[Any], str]]:
+    """The loop a user writes, traced: per step (epoch, the batch, a global-RNG draw standing in for
+    dropout). Saves ``state`` and stops at ``stop``; or first loads the checkpoint saved at ``resume``."""
+    import trainstate
+
+    first = 0
+    if resume is not None:
+        trainstate.load(resume[0], state)
+        first = resume[1][0]
+    trace: list[tuple[int, list[Any], str]] = []
+    for epoch in range(first, epochs):
+        if stop == (epoch, 0):
+            trainstate.save(save_to, state)  # type: ignore[arg-type]
+            return trace
+        for (batch,) in epoch_batches():
+            trace.append((epoch, batch.tolist(), torch.rand(1).item().hex()))
+            if stop == (epoch, sum(1 for e, _, _ in trace if e == epoch)):
+                trainstate.save(save_to, state)  # type: ignore[arg-type]
+                return trace
+    return trace

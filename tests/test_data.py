@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import trainstate
+from support import epoch_loop
 
 DATA = TensorDataset(torch.arange(23.0))
 
@@ -70,29 +71,12 @@ def test_a_state_that_does_not_fit_raises(change, message):
         trainstate.ResumableSampler(DATA, seed=3).load_state_dict(state)
 
 
-def _loop(
-    make_loader, *, epochs: int, stop: tuple[int, int] | None = None, resume=None, save_to=None
-) -> list[tuple[int, list[float], str]]:
-    """A user's loop over a plain DataLoader with a ResumableSampler: per step, the batch and a
-    global-RNG draw (dropout's stand-in). Saves and stops at ``stop``; or resumes from ``resume``."""
-    torch.manual_seed(0 if resume is None else 999)
+def _loop(make_loader, **kwargs) -> list[tuple[int, list[float], str]]:
+    """A user's loop over a plain DataLoader with a ResumableSampler (see support.epoch_loop)."""
+    torch.manual_seed(0 if kwargs.get("resume") is None else 999)  # a resumed process starts elsewhere
     sampler = trainstate.ResumableSampler(DATA, seed=3)
     state = {"sampler": sampler, "rng": trainstate.RNGState()}
-    first = 0
-    if resume is not None:
-        trainstate.load(resume[0], state)
-        first = resume[1][0]
-    trace = []
-    for epoch in range(first, epochs):
-        if stop == (epoch, 0):
-            trainstate.save(save_to, state)
-            return trace
-        for (batch,) in make_loader(sampler):
-            trace.append((epoch, batch.tolist(), torch.rand(1).item().hex()))
-            if stop == (epoch, sum(1 for e, _, _ in trace if e == epoch)):
-                trainstate.save(save_to, state)
-                return trace
-    return trace
+    return epoch_loop(state, lambda: make_loader(sampler), **kwargs)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import trainstate
+from support import epoch_loop
 from trainstate.loaders import GENERATORS_KEY
 
 torchdata = pytest.importorskip("torchdata.stateful_dataloader")
@@ -23,8 +24,6 @@ DATASET = TensorDataset(torch.arange(12))
 BATCH = 4
 BATCHES = 3  # per epoch
 LATER_EPOCHS = 4  # compared after the one a checkpoint is taken in
-
-Position = tuple[int, int]  # (epoch, batches consumed in it when saving; 0 = before its iter())
 
 CONFIGS: dict[str, Callable[[int], StatefulDataLoader]] = {
     "shuffle_generator": lambda workers: StatefulDataLoader(
@@ -50,34 +49,11 @@ CONFIGS: dict[str, Callable[[int], StatefulDataLoader]] = {
 }
 
 
-def train(
-    make: Callable[[], StatefulDataLoader],
-    *,
-    epochs: int,
-    stop: Position | None = None,
-    resume: tuple[Path, Position] | None = None,
-    save_to: Path | None = None,
-) -> list[tuple[int, list[int], str]]:
-    """The loop a user writes: (epoch, batch indices, a global-RNG draw standing in for dropout) per
-    step. Stops after saving at ``stop``; or starts from a checkpoint saved at ``resume``."""
-    torch.manual_seed(0 if resume is None else 12345)  # a resumed process starts from other randomness
-    loader, rng = make(), trainstate.RNGState()
-    state = {"loader": loader, "rng": rng}
-    first_epoch = 0
-    if resume is not None:
-        trainstate.load(resume[0], state)
-        first_epoch = resume[1][0]
-    trace = []
-    for epoch in range(first_epoch, epochs):
-        if stop == (epoch, 0):
-            trainstate.save(save_to, state)
-            return trace
-        for (batch,) in loader:
-            trace.append((epoch, batch.tolist(), torch.rand(1).item().hex()))
-            if stop is not None and stop == (epoch, sum(1 for e, _, _ in trace if e == epoch)):
-                trainstate.save(save_to, state)
-                return trace
-    return trace
+def train(make: Callable[[], StatefulDataLoader], **kwargs: Any) -> list[tuple[int, list[int], str]]:
+    """The loop a user writes over the loader (see support.epoch_loop)."""
+    torch.manual_seed(0 if kwargs.get("resume") is None else 12345)  # a resumed process starts elsewhere
+    loader = make()
+    return epoch_loop({"loader": loader, "rng": trainstate.RNGState()}, lambda: loader, **kwargs)
 
 
 POSITIONS = [(epoch, done) for epoch in (0, 1) for done in range(BATCHES + 1)]
