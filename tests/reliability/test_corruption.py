@@ -44,7 +44,7 @@ import torch
 import trainstate
 from trainstate import CheckpointError, CheckpointManager
 from trainstate.format import MANIFEST_NAME, CheckpointReader, Manifest
-from trainstate.storage import split_path
+from trainstate.storage import QUARANTINE_DIR, split_path
 
 SEED = 20_240_605
 FLIPS_PER_CLASS = 400  # per class (the 8-byte length prefixes have fewer bits: all of them are flipped)
@@ -547,6 +547,11 @@ def test_manager_falls_back_past_a_corrupted_newest_checkpoint(
                     except Exception as exc:  # noqa: BLE001
                         failures.append(f"{case.label}: restore raised {type(exc).__name__}: {exc}")
                         continue
+                    aside = list((run / QUARANTINE_DIR).iterdir()) if (run / QUARANTINE_DIR).exists() else []
+                    if len(aside) != 1 or newest.exists():  # the skipped newer checkpoint is moved aside...
+                        failures.append(f"{case.label}: step 2 was not moved aside ({aside})")
+                        continue
+                    aside[0].rename(newest)  # ...and put back here, for the next case
                 skipped = any(
                     "skipping step 2" in r.getMessage() or "skipping step_00000002" in r.getMessage()
                     for r in caplog.records
@@ -563,8 +568,8 @@ def test_manager_falls_back_past_a_corrupted_newest_checkpoint(
     finally:
         manager.close()
     summary = (
-        f"manager fall-back: {len(cases)} cases, {sum(outcomes.values())} fell back to step 1 exactly\n"
-        + "\n".join(f"  {k}: {n}" for k, n in sorted(outcomes.items()))
+        f"manager fall-back: {len(cases)} cases, {sum(outcomes.values())} fell back to step 1 exactly "
+        "(and moved step 2 aside)\n" + "\n".join(f"  {k}: {n}" for k, n in sorted(outcomes.items()))
     )
     print("\n" + summary)
     assert not failures, summary + "\n" + "\n".join(failures[:20])
