@@ -50,7 +50,7 @@ def assert_same(a, b) -> None:
     if isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
         assert a.requires_grad == b.requires_grad, "requires_grad differs"
-        assert torch.equal(_bytes(a), _bytes(b)), "tensor bytes differ"
+        assert torch.equal(tensor_bytes(a), tensor_bytes(b)), "tensor bytes differ"
     elif isinstance(a, np.ndarray):
         assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)
         assert a.tobytes() == b.tobytes(), "array bytes differ"
@@ -68,8 +68,11 @@ def assert_same(a, b) -> None:
         assert a == b
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().cpu().contiguous().resolve_conj().resolve_neg().reshape(-1).view(torch.uint8)
+def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's logical values as bytes (NaN-safe), conj/neg views resolved. Copied into fresh
+    memory: a "contiguous" tensor may still have a size-1 dimension of any stride."""
+    flat = t.detach().cpu().resolve_conj().resolve_neg().reshape(-1)
+    return torch.empty(flat.numel(), dtype=flat.dtype).copy_(flat).view(torch.uint8)
 
 
 def tensor_refs(node: Any, path: tuple[Any, ...] = ()) -> Iterator[dict[str, Any]]:

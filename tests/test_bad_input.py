@@ -556,8 +556,7 @@ def test_unsupported_value_on_save_keeps_previous_checkpoint(ckpt, value, type_n
 def test_unsupported_value_on_save_fresh_path(tmp_path):
     path = tmp_path / "run" / "ckpt"
     expect_error(UnsupportedValueError, lambda: trainstate.save(path, {"a": {"b": [{3}]}}), path, "a.b.0", "set")
-    assert not os.path.lexists(path)
-    assert no_temp_entries(path.parent)
+    assert not os.path.lexists(path.parent)  # refused while planning: not even the directory was created
 
 
 def test_pickled_value_needs_allow_pickle(tmp_path):

@@ -13,16 +13,13 @@ import torch
 from trainstate.errors import CorruptCheckpointError, StateMismatchError, UnsupportedValueError
 from trainstate.format.codec import TAG, Path, format_path, holds_tensors, is_stateful, unwrap_module
 from trainstate.format.reader import CheckpointReader, MapLocation, TensorLoader
-from trainstate.format.writer import DEFAULT_SHARD_BYTES, write_checkpoint
+from trainstate.format.writer import DEFAULT_SHARD_BYTES, SavePlan, execute_save, plan_save
 from trainstate.loaders import adapt_for_save, is_stateful_loader, restore_loader
-from trainstate.storage import Storage, split_path
+from trainstate.storage import split_path
 
-__all__ = ["Peek", "load", "peek", "restore", "save", "save_to"]
+__all__ = ["Peek", "load", "peek", "plan_state", "restore", "save"]
 
 logger = logging.getLogger(__name__)
-
-LOCK_TIMEOUT_S = 30.0
-"""How long a one-shot `save` waits for another writer in the same directory."""
 
 
 def save(
@@ -57,45 +54,32 @@ def save(
         3
     """
     storage, name = split_path(path)
-    storage.lock(timeout=LOCK_TIMEOUT_S)
-    try:
-        storage.cleanup()
-        save_to(
-            storage,
-            name,
-            state,
-            metadata=metadata,
-            overwrite=overwrite,
-            allow_pickle=allow_pickle,
-            shard_bytes=shard_bytes,
-        )
-    finally:
-        storage.unlock()
+    # No directory lock: the commit is atomic by itself, so this works beside a CheckpointManager
+    # saving into the same directory (``save(run_dir / "best", ...)``).
+    storage.cleanup()
+    plan = plan_state(
+        state, metadata=metadata, allow_pickle=allow_pickle, shard_bytes=shard_bytes, where=storage.where(name)
+    )
+    execute_save(plan, storage.begin(name, overwrite=overwrite))
 
 
-def save_to(
-    storage: Storage,
-    name: str,
+def plan_state(
     state: Mapping[str, Any],
     *,
     metadata: Mapping[str, Any] | None = None,
-    overwrite: bool = True,
     allow_pickle: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
-    environment: dict[str, Any] | None = None,
-) -> None:
-    """`save` into a storage whose writer lock the caller already holds."""
-    where = os.path.join(storage.root, name)
+    where: str = "",
+) -> SavePlan:
+    """The plan of saving ``state`` (live objects through their state dicts, loaders adapted): all
+    the checks that can fail on the state, done in the caller's thread before any I/O."""
     if not isinstance(state, Mapping):
         raise UnsupportedValueError(f"{where}: state must be a mapping of names to values, got {type(state).__name__}")
     if metadata is not None and not isinstance(metadata, Mapping):
         raise UnsupportedValueError(f"{where}: metadata must be a mapping, got {type(metadata).__name__}")
-    tree = adapt_for_save(state)
-    write_checkpoint(
-        storage.begin(name, overwrite=overwrite),
-        tree,
+    return plan_save(
+        adapt_for_save(state),
         metadata=dict(metadata or {}),
-        environment_extra=environment,
         allow_pickle=allow_pickle,
         shard_bytes=shard_bytes,
         where=where,

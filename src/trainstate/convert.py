@@ -37,7 +37,7 @@ from trainstate.errors import (
 from trainstate.format.codec import format_path
 from trainstate.format.manifest import MANIFEST_NAME
 from trainstate.format.reader import CheckpointReader
-from trainstate.storage import atomic_write_file, check_name, split_path
+from trainstate.storage import atomic_write_file, check_name, local_path, split_path
 
 __all__ = [
     "SOURCE_KINDS",
@@ -300,7 +300,7 @@ def read_source(
             into live objects, and everything else is kept under the framework's name.
         progress: Called with a short description of each step.
     """
-    text = os.path.abspath(os.fspath(path))
+    text = local_path(path)
     detected = detect_source(text)
     if detected == "trainstate":
         raise UnsupportedFormatError(f"{text}: is already a trainstate checkpoint")
@@ -665,7 +665,7 @@ def to_trainstate(
         >>> trainstate.load("/tmp/ts-doc-converted")["epoch"]
         3
     """
-    target = os.path.abspath(os.fspath(dst))
+    target = local_path(dst)
     if os.path.lexists(target) and not overwrite:
         raise CheckpointExistsError(f"{target}: already exists (pass overwrite=True, CLI: --force, to replace it)")
     source = read_source(src, kind=kind, trust_pickle=trust_pickle, native=native, progress=progress)
@@ -693,7 +693,7 @@ def to_torch_file(
         >>> to_torch_file("/tmp/ts-doc-ckpt", "/tmp/ts-doc-out.pt", overwrite=True)["epoch"]
         3
     """
-    target = os.path.abspath(os.fspath(dst))
+    target = local_path(dst)
     if os.path.lexists(target) and not overwrite:
         raise CheckpointExistsError(f"{target}: already exists (pass overwrite=True, CLI: --force, to replace it)")
     with CheckpointReader(*split_path(src)) as reader:

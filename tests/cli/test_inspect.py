@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 import trainstate
@@ -134,3 +135,24 @@ def test_golden_v1_fixture(cli):
     assert report["metadata"] == {"step": 7, "metrics": {"loss": 0.25}}
     assert report["optimizers"][0]["key"] == "optimizer"
     assert cli("verify", golden).exit_code == 0
+
+
+@pytest.mark.parametrize("crafted", ["[(", "f8, i4", "(lambda: 1)()", "O", 7])
+def test_crafted_numpy_dtype_is_a_clear_error(cli, tmp_path, crafted):
+    import numpy as np
+
+    from trainstate.format import MANIFEST_NAME, Manifest
+
+    trainstate.save(tmp_path / "c", {"a": np.arange(3.0)})
+    path = tmp_path / "c" / MANIFEST_NAME
+    manifest = Manifest.from_json(path.read_bytes(), where=str(path))
+    manifest.tree["v"]["a"]["np_dtype"] = crafted
+    path.write_bytes(manifest.to_json())
+    for args in (
+        ("inspect", tmp_path / "c"),
+        ("inspect", tmp_path / "c", "--values"),
+        ("inspect", tmp_path / "c", "--json"),
+    ):
+        result = cli(*args)
+        assert result.exit_code == 1, result.stdout
+        assert "invalid numpy dtype" in result.stderr and "internal error" not in result.stderr

@@ -74,7 +74,9 @@ def test_damaged_and_incomplete_checkpoints(cli, run_copy):
     assert rows["step_00000500"]["problem"].endswith("step_00000500: no manifest.json (never committed)")
     assert rows["step_00000300"]["latest"]  # the newest *committed* one
 
-    verified = {r["name"]: r for r in json.loads(cli("ls", run_copy, "--json", "--verify").stdout)}
+    verify_run = cli("ls", run_copy, "--json", "--verify")
+    assert verify_run.exit_code == 1  # --verify fails the command when a checkpoint fails
+    verified = {r["name"]: r for r in json.loads(verify_run.stdout)}
     assert verified["step_00000200"]["status"] == "corrupt"
     assert verified["step_00000200"]["problem"].endswith(
         "step_00000200/tensors-00000.safetensors: content hash mismatch (the file is damaged or was modified)"
@@ -98,6 +100,12 @@ def test_errors(cli, tmp_path):
     result = cli("ls", tmp_path / "missing")
     assert result.exit_code == 1
     assert result.stderr == f"error: {tmp_path / 'missing'}: no such directory\n"
+    as_json = cli("ls", tmp_path / "missing", "--json")
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.stdout) == {
+        "error": f"{tmp_path / 'missing'}: no such directory",
+        "type": "CheckpointNotFoundError",
+    }
     empty = cli("ls", tmp_path)
     assert empty.exit_code == 0 and empty.stdout.strip() == f"{tmp_path}: no checkpoints"
     assert cli("ls", tmp_path, "--mode", "middle").exit_code == 2
@@ -116,3 +124,7 @@ def test_empty_after_removal(cli, run_copy):
     for step in STEPS:
         shutil.rmtree(run_copy / f"step_{step:08d}")
     assert json.loads(cli("ls", run_copy, "--json").stdout) == []
+
+
+def test_verify_of_intact_checkpoints_exits_zero(cli, run_dir):
+    assert cli("ls", run_dir, "--verify").exit_code == 0

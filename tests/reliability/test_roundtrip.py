@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import trainstate
+from support import tensor_bytes
 from trainstate import CheckpointError
 
 # ------------------------------------------------------------------------------------ the property
@@ -106,12 +107,7 @@ class _Compare:
         assert b.shape == a.shape, f"{where}: shape {list(a.shape)} came back as {list(b.shape)}"
         assert b.device == a.device, f"{where}: device {a.device} came back as {b.device}"
         assert b.requires_grad == a.requires_grad, f"{where}: requires_grad {a.requires_grad} -> {b.requires_grad}"
-        assert torch.equal(_tensor_bytes(b), _tensor_bytes(a)), f"{where}: tensor values differ"
-
-
-def _tensor_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The logical values as bytes (NaN-safe), conj/neg views resolved."""
-    return t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+        assert torch.equal(tensor_bytes(b), tensor_bytes(a)), f"{where}: tensor values differ"
 
 
 def _ndarray(a: np.ndarray, b: np.ndarray, where: str) -> None:

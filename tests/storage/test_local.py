@@ -6,6 +6,7 @@ import multiprocessing
 import os
 
 import pytest
+import torch
 
 import trainstate
 from trainstate.storage import TEMP_PREFIX, LocalStorage
@@ -104,13 +105,52 @@ def test_second_writer_gets_a_clear_error_then_succeeds_after_release(tmp_path):
     storage.unlock()
 
 
+def _writer_in_a_child(tmp_path, *, then: str) -> tuple[int, int]:
+    """Fork a writer that begins a checkpoint, writes a file, reports, then waits or dies."""
+    ready, go = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            pending = LocalStorage(tmp_path).begin("ckpt")
+            pending.write("a.bin", [b"partial"])
+            os.write(ready[1], b"x")
+            if then == "wait":
+                os.read(go[0], 1)
+        finally:
+            os._exit(0)  # dies: never commits, never aborts
+    assert os.read(ready[0], 1) == b"x"
+    return pid, go[1]
+
+
 def test_cleanup_removes_leftovers_of_a_dead_writer(tmp_path):
-    storage = LocalStorage(tmp_path)
-    pending = storage.begin("ckpt")
-    pending.write("a.bin", [b"partial"])  # the writer "dies" here: never commits, never aborts
-    assert storage.list() == []
-    trainstate.save(tmp_path / "other", {"v": 1})  # the next writer cleans up under the lock
+    pid, _ = _writer_in_a_child(tmp_path, then="die")
+    os.waitpid(pid, 0)
+    assert LocalStorage(tmp_path).list() == [] and len(os.listdir(tmp_path)) == 1
+    trainstate.save(tmp_path / "other", {"v": 1})  # the next writer cleans up
     assert sorted(os.listdir(tmp_path)) == ["other"]
+
+
+def test_cleanup_never_removes_a_live_writers_work(tmp_path):
+    pid, go = _writer_in_a_child(tmp_path, then="wait")
+    try:
+        leftover = os.listdir(tmp_path)
+        assert LocalStorage(tmp_path).cleanup() == [] and os.listdir(tmp_path) == leftover  # locked by the child
+        pending = LocalStorage(tmp_path).begin("mine")  # and this process's own work in progress
+        assert LocalStorage(tmp_path).cleanup() == [] and len(os.listdir(tmp_path)) == 2
+        pending.abort()
+    finally:
+        os.write(go, b"x")
+        os.waitpid(pid, 0)
+    assert LocalStorage(tmp_path).cleanup() == leftover and os.listdir(tmp_path) == []
+
+
+def test_one_shot_save_beside_a_running_manager_needs_no_lock(tmp_path):
+    with trainstate.CheckpointManager(tmp_path, lock_timeout=0) as manager:
+        manager.save(1, {"w": torch.ones(1)})  # the manager now holds the directory's writer lock
+        trainstate.save(tmp_path / "best", {"w": torch.ones(1)})  # at once, no CheckpointLockedError
+        manager.save(2, {"w": torch.ones(1)})
+        assert manager.steps() == [1, 2]
+    assert sorted(os.listdir(tmp_path)) == ["best", "step_00000001", "step_00000002"]
 
 
 def test_delete_hides_the_checkpoint_before_removing_files(tmp_path):

@@ -16,7 +16,7 @@ from trainstate.format import MANIFEST_NAME, CheckpointReader, Manifest
 from trainstate.format.codec import format_path
 from trainstate.format.tensorfile import HeaderEntry, dtype_from_name, stored_as
 from trainstate.manager import checkpoint_info, parse_step_name
-from trainstate.storage import QUARANTINE_DIR, TEMP_PREFIX, LocalStorage, Storage, split_path
+from trainstate.storage import QUARANTINE_DIR, TEMP_PREFIX, LocalStorage, Storage, local_path, split_path
 
 __all__ = ["Entry", "Scan", "open_checkpoint", "scan", "verify_entry"]
 
@@ -141,7 +141,7 @@ def scan(directory: str) -> Scan:
 
     Reads manifests only. Raises CheckpointNotFoundError if the directory does not exist.
     """
-    directory = os.path.abspath(directory)
+    directory = local_path(directory)
     if os.path.lexists(os.path.join(directory, MANIFEST_NAME)):
         storage, name = split_path(directory)
         entry = _entry(storage, name)
@@ -176,7 +176,7 @@ def _quarantined(directory: str) -> list[Entry]:
 
 def open_checkpoint(path: str) -> CheckpointReader:
     """A reader for the trainstate checkpoint at ``path``, with a hint when it is something else."""
-    full = os.path.abspath(path)
+    full = local_path(path)
     if os.path.isfile(full):
         raise CheckpointNotFoundError(
             f"{full}: is a file, not a trainstate checkpoint directory; convert it first: "

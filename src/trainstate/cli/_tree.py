@@ -7,10 +7,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from trainstate.errors import CorruptCheckpointError
 from trainstate.format.codec import TAG, Decoder, Path, format_path
+from trainstate.format.codec import numpy_dtype as parse_numpy_dtype
 from trainstate.format.tensorfile import dtype_from_name, dtype_name
 
 __all__ = [
@@ -49,8 +48,8 @@ class TensorRef:
             raise CorruptCheckpointError(f"{where}: invalid shape {shape!r}")
         if numpy_dtype is not None:
             try:
-                dtype = np.dtype(str(numpy_dtype))
-            except (TypeError, ValueError):
+                dtype = parse_numpy_dtype(numpy_dtype)  # the codec's strict parser, never np.dtype on raw text
+            except ValueError:
                 raise CorruptCheckpointError(f"{where}: invalid numpy dtype {numpy_dtype!r}") from None
             return cls(node, f"numpy.{dtype.name}", tuple(shape), dtype.itemsize)
         torch_dtype = dtype_from_name(node.get("dtype"), where=where)

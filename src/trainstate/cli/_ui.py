@@ -122,6 +122,8 @@ def command(fn: F) -> F:
             if kwargs.get("debug"):
                 raise
             text = " ".join(_message(exc).split("\n"))
+            if kwargs.get("json_output"):  # a script reading --json output gets the error as JSON too
+                sys.stdout.write(json.dumps({"error": text, "type": type(exc).__name__}, ensure_ascii=False) + "\n")
             _error_console().print(Text(f"error: {text}", style="bold red"))
             raise typer.Exit(1) from None
 

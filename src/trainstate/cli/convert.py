@@ -12,7 +12,7 @@ from trainstate.cli._ui import UI, Debug, Json, Quiet, command, fail, format_byt
 from trainstate.convert import SOURCE_KINDS, TORCH_SUFFIXES, detect_source, to_torch_file, to_trainstate
 from trainstate.errors import UnsupportedValueError
 from trainstate.format import CheckpointReader
-from trainstate.storage import split_path
+from trainstate.storage import local_path, split_path
 
 HELP = "Convert torch.save / Lightning / Hugging Face Trainer / DCP checkpoints to trainstate, or back to torch.save."
 EPILOG = f"""\
@@ -64,7 +64,7 @@ def convert(
     if trust_pickle:
         ui.warn(f"--trust-pickle: unpickling {src} fully; this runs any code the file contains")
     kind = detect_source(src)
-    target = os.path.abspath(dst)
+    target = local_path(dst)
     if os.path.lexists(target) and not force:
         fail(f"{target}: already exists (pass --force to replace it)")
     if kind == "trainstate":

@@ -15,7 +15,7 @@ from trainstate.cli._ui import UI, Debug, Json, Quiet, command, fail, format_byt
 from trainstate.convert import TORCH_SUFFIXES
 from trainstate.format import CheckpointReader, TensorLoader
 from trainstate.format.codec import Path, format_path
-from trainstate.storage import atomic_write_file
+from trainstate.storage import atomic_write_file, local_path
 
 HELP = "Export the model weights of a checkpoint to .safetensors (default) or .pt, with key remapping and dtype cast."
 EPILOG = """\
@@ -138,7 +138,7 @@ def export(
     if file_format not in ("safetensors", "pt"):
         usage_error(f"{file_format!r} is not 'safetensors' or 'pt'", param="--format")
     ui = UI(json_output=json_output, quiet=quiet)
-    target = os.path.abspath(out)
+    target = local_path(out)
     if os.path.lexists(target) and not force:
         fail(f"{target}: already exists (pass --force to replace it)")
     with open_checkpoint(path) as reader:

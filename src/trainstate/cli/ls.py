@@ -93,8 +93,12 @@ def ls(
     chosen = _best_monitor(found, monitor)
     best = found.best(chosen, mode.value) if chosen else None
     rows = [_row(e, now, latest, best) for e in found.entries]
+    # With --verify, the exit status says whether every committed checkpoint is intact.
+    failed = verify and any(e.status in ("corrupt", "unreadable") for e in found.entries)
     if json_output:
         ui.emit_json(rows)
+        if failed:
+            raise typer.Exit(1)
         return
     if not found.entries:
         ui.print(f"{found.directory}: no checkpoints")
@@ -138,3 +142,5 @@ def ls(
             f"{len(found.leftovers)} temporary entr{'y' if len(found.leftovers) == 1 else 'ies'} in {found.directory} "
             "(a writer is saving now, or died mid-save; the next writer removes them)"
         )
+    if failed:
+        raise typer.Exit(1)

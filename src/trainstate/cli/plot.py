@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any
 
 import typer
 
 from trainstate.cli._scan import scan
 from trainstate.cli._ui import UI, Better, Debug, Json, Mode, Quiet, command, fail, usage_error
-from trainstate.storage import atomic_write_file
+from trainstate.storage import atomic_write_file, local_path
 
 HELP = "Plot metrics over steps across the checkpoints of a directory, as a PNG (needs matplotlib)."
 EPILOG = """\
@@ -103,7 +102,7 @@ def plot(
     axes[-1, 0].set_xlabel("step")
     fig.suptitle(title or found.directory, fontsize="medium")
     fig.tight_layout()
-    target = os.path.abspath(output)
+    target = local_path(output)
     with atomic_write_file(target) as f:
         fig.savefig(f, format="png", dpi=120)
     plt.close(fig)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from trainstate.format.manifest import FORMAT_VERSION, MANIFEST_NAME, FileEntry, Manifest
 from trainstate.format.reader import CheckpointReader, MapLocation, TensorLoader
-from trainstate.format.writer import write_checkpoint
+from trainstate.format.writer import SavePlan, execute_save, plan_save
 
 __all__ = [
     "FORMAT_VERSION",
@@ -14,5 +14,7 @@ __all__ = [
     "Manifest",
     "MapLocation",
     "TensorLoader",
-    "write_checkpoint",
+    "SavePlan",
+    "execute_save",
+    "plan_save",
 ]

@@ -36,6 +36,7 @@ __all__ = [
     "holds_tensors",
     "is_plain_str",
     "is_stateful",
+    "numpy_dtype",
     "qualified_type",
     "unwrap_module",
 ]
@@ -369,7 +370,7 @@ def _encode_ndarray(value: np.ndarray, path: Path, enc: Encoder) -> dict[str, An
 _NUMPY_DTYPE = re.compile(r"[<>|=][biufc][0-9]{1,2}")
 
 
-def _numpy_dtype(text: object) -> np.dtype:
+def numpy_dtype(text: object) -> np.dtype:
     """Only the plain dtype strings the encoder writes (``<f8``, ``|b1``...): ``np.dtype`` would
     otherwise parse arbitrary text, with Python's compiler, for structured dtypes."""
     if not isinstance(text, str) or not _NUMPY_DTYPE.fullmatch(text):
@@ -378,7 +379,7 @@ def _numpy_dtype(text: object) -> np.dtype:
 
 
 def _decode_ndarray(node: dict[str, Any], path: Path, dec: Decoder) -> np.ndarray | torch.Tensor:
-    dtype = _numpy_dtype(node["np_dtype"])
+    dtype = numpy_dtype(node["np_dtype"])
     if dtype.hasobject or dtype.kind not in "biufc":
         raise ValueError(f"numpy dtype {dtype} is not allowed")
     tensor = dec.tensor(node, path)
@@ -401,7 +402,7 @@ def _encode_npscalar(value: np.generic, path: Path, enc: Encoder) -> dict[str, A
 
 
 def _decode_npscalar(node: dict[str, Any], path: Path, dec: Decoder) -> np.generic:
-    dtype = _numpy_dtype(node["dtype"])
+    dtype = numpy_dtype(node["dtype"])
     if dtype.kind not in "biufc":
         raise ValueError(f"numpy dtype {dtype} is not allowed")
     return np.frombuffer(_b64(node), dtype=dtype, count=1)[0]

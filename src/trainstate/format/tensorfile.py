@@ -136,7 +136,10 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without copying."""
     if tensor.numel() == 0:  # any strides count as contiguous then, and a byte view may refuse them
         return memoryview(b"")
-    array = tensor.reshape(-1).view(torch.uint8).numpy()
+    flat = tensor.reshape(-1)
+    if flat.stride(0) != 1:  # "contiguous" with a size-1 dim of any stride (t[::2] of 2 elements)
+        flat = flat.as_strided((flat.numel(),), (1,))
+    array = flat.view(torch.uint8).numpy()
     return memoryview(cast(bytes, array)).cast("B")  # numpy arrays are buffers; the stubs disagree
 
 

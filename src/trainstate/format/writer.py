@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from trainstate.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEn
 from trainstate.format.tensorfile import MAX_HEADER_BYTES, alias_key, dtype_name, encode_file
 from trainstate.storage.base import PendingCheckpoint
 
-__all__ = ["DEFAULT_SHARD_BYTES", "environment", "write_checkpoint"]
+__all__ = ["DEFAULT_SHARD_BYTES", "SavePlan", "environment", "execute_save", "plan_save"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,34 +113,52 @@ class _ShardPlanner:
         return {k: v for k, v in ref.items() if k != "key"}
 
 
-def write_checkpoint(
-    pending: PendingCheckpoint,
+@dataclass(frozen=True)
+class SavePlan:
+    """Everything a save will write, decided before any I/O: the encoded tree and metadata, and the
+    tensors of each file (``(key, tensor)`` write items). Tensors are referenced, not copied."""
+
+    tree: Any
+    metadata: Any
+    shards: list[list[tuple[str, torch.Tensor]]]
+    where: str = ""
+
+
+def plan_save(
     state: Any,
     *,
     metadata: Any = None,
-    environment_extra: dict[str, Any] | None = None,
     allow_pickle: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     where: str = "",
+) -> SavePlan:
+    """Encode ``state`` and lay its tensors out in files. Every check that can fail on the state
+    (types, names, sizes, the manifest limit) fails here, in the caller's thread, before anything is
+    queued or written."""
+    planner = _ShardPlanner(shard_bytes)
+    prefix = f"{where}: " if where else ""
+    tree = Encoder(planner, allow_pickle=allow_pickle, where=prefix).encode(state)
+    meta = Encoder(None, where=f"{prefix}metadata.").encode(metadata)
+    # The files list (~150 bytes a file) is all that the final manifest adds to this.
+    estimate = len(json.dumps([tree, meta], separators=(",", ":"), ensure_ascii=False)) + 150 * len(planner.shards)
+    if estimate > MAX_MANIFEST_BYTES - 64 * 1024:
+        raise UnsupportedValueError(_oversized(estimate, tree, prefix))
+    return SavePlan(tree, meta, planner.shards, where)
+
+
+def execute_save(
+    plan: SavePlan, pending: PendingCheckpoint, *, environment_extra: dict[str, Any] | None = None
 ) -> Manifest:
-    """Encode ``state`` and write it through ``pending``, committing only if every file succeeded.
+    """Write ``plan`` through ``pending``, manifest last, committing only if every file succeeded.
 
     On any error the pending checkpoint is aborted and the error re-raised; nothing is published.
     """
     try:
-        planner = _ShardPlanner(shard_bytes)
-        prefix = f"{where}: " if where else ""
-        tree = Encoder(planner, allow_pickle=allow_pickle, where=prefix).encode(state)
-        meta = Encoder(None, where=f"{prefix}metadata.").encode(metadata)
-        # Refuse before writing any data: the files list (~150 bytes a file) is all that is missing.
-        estimate = len(json.dumps([tree, meta], separators=(",", ":"), ensure_ascii=False)) + 150 * len(planner.shards)
-        if estimate > MAX_MANIFEST_BYTES - 64 * 1024:
-            raise UnsupportedValueError(_oversized(estimate, tree, prefix))
-        files = _write_shards(pending, planner.shards)
+        files = _write_shards(pending, plan.shards)
         manifest = Manifest(
-            tree=tree,
+            tree=plan.tree,
             files=tuple(files),
-            metadata=meta,
+            metadata=plan.metadata,
             environment={**environment(), **(environment_extra or {})},
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
             trainstate_version=__version__,
@@ -147,14 +166,14 @@ def write_checkpoint(
         )
         data = manifest.to_json()
         if len(data) > MAX_MANIFEST_BYTES:
-            raise UnsupportedValueError(_oversized(len(data), manifest.tree, prefix))
+            raise UnsupportedValueError(_oversized(len(data), manifest.tree, f"{plan.where}: "))
         pending.write(MANIFEST_NAME, [data])
         pending.commit()
         return manifest
     except BaseException as exc:
         pending.abort()
         if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
-            raise CheckpointWriteError(f"{where}: {exc}") from exc
+            raise CheckpointWriteError(f"{plan.where}: {exc}") from exc
         raise
 
 

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
-from trainstate.api import Peek, Rename, peek_reader, save_to
+from trainstate.api import Peek, Rename, peek_reader, plan_state
 from trainstate.api import restore as restore_checkpoint
 from trainstate.errors import (
     CheckpointError,
@@ -29,7 +29,7 @@ from trainstate.errors import (
     UnsupportedFormatError,
 )
 from trainstate.format.reader import CheckpointReader, MapLocation
-from trainstate.format.writer import environment
+from trainstate.format.writer import SavePlan, environment, execute_save
 from trainstate.loaders import adapt_for_save
 from trainstate.manager.early_stopping import EarlyStopping
 from trainstate.manager.policies import (
@@ -44,7 +44,7 @@ from trainstate.manager.policies import (
 )
 from trainstate.manager.preemption import PreemptionHandler
 from trainstate.manager.snapshot import capture
-from trainstate.storage import LocalStorage
+from trainstate.storage import open_storage
 
 __all__ = ["CheckpointManager", "checkpoint_info", "parse_step_name", "step_name"]
 
@@ -169,7 +169,8 @@ class CheckpointManager:
         lock_timeout: float = 30.0,
     ) -> None:
         _check_options(keep_last, keep_best, monitor, mode, keep_every, every_n_steps, every_n_seconds, early_stopping)
-        self.directory = os.path.abspath(os.fspath(directory))
+        self._storage = open_storage(directory)  # ValueError for a scheme this trainstate cannot write
+        self.directory = self._storage.root
         if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
             raise CheckpointWriteError(f"{self.directory}: exists and is not a directory")
         self.monitor, self.mode = monitor, mode
@@ -182,7 +183,6 @@ class CheckpointManager:
             policies += [KeepEvery(keep_every)] if keep_every else []
         self._retention = Retention(tuple(policies))
         self._trigger = SaveTrigger(every_n_steps, every_n_seconds)
-        self._storage = LocalStorage(self.directory)
         self._lock_timeout = lock_timeout
         self._locked = False
         self._index_lock = threading.Lock()
@@ -321,13 +321,15 @@ class CheckpointManager:
                 stopper.update(value, self.mode)
             record["early_stopping"] = stopper.state_dict()
         self._acquire()
-        snapshot = capture(adapt_for_save(state)) if self.async_save and not preempted else dict(state)
+        snapshot = capture(adapt_for_save(state)) if self.async_save and not preempted else state
+        # Encoded here, in the caller's thread: a state that cannot be saved fails this call, not the next.
+        plan = plan_state(snapshot, metadata=record, where=self._storage.where(step_name(step)))
         env = {"dataloader_workers": _loader_workers(state)}
         self._requested_step = step
         self._last_save_time = time.monotonic()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainstate-save")
-        future = self._executor.submit(self._write, step, snapshot, record, env)
+        future = self._executor.submit(self._write, step, plan, clean_metrics, env)
         self._inflight = future
         _IN_FLIGHT.add(self)
         if not self.async_save or preempted:
@@ -344,11 +346,11 @@ class CheckpointManager:
             )
         return True
 
-    def _write(self, step: int, state: Mapping[str, Any], metadata: dict[str, Any], env: dict[str, Any]) -> None:
-        self._storage.cleanup()  # leftovers of failed saves never accumulate (we hold the lock)
-        save_to(self._storage, step_name(step), state, metadata=metadata, environment=env)
+    def _write(self, step: int, plan: SavePlan, metrics: dict[str, float], env: dict[str, Any]) -> None:
+        self._storage.cleanup()  # leftovers of failed saves never accumulate
+        execute_save(plan, self._storage.begin(step_name(step)), environment_extra=env)
         with self._index_lock:
-            self._index[step] = CheckpointInfo(step, metadata["metrics"])
+            self._index[step] = CheckpointInfo(step, metrics)
             doomed = self._retention.to_delete(list(self._index.values()))
         for old in doomed:
             try:

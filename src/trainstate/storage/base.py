@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -153,17 +154,22 @@ class Storage(ABC):
 
     @abstractmethod
     def cleanup(self) -> builtins.list[str]:
-        """Remove leftovers of writers that died mid-save; returns what was removed.
-        Only call while holding the writer lock."""
+        """Remove leftovers of writers that died mid-save (never a live writer's work in progress,
+        in this process or another); returns what was removed. Needs no lock."""
 
     @abstractmethod
     def lock(self, *, timeout: float = 0.0) -> None:
-        """Take the single-writer lock on the root, waiting up to ``timeout`` seconds.
-        Raises CheckpointLockedError if another writer holds it."""
+        """Take the single-writer lock of a managed directory (a CheckpointManager, ``prune``),
+        waiting up to ``timeout`` seconds. Raises CheckpointLockedError if another writer holds it.
+        A one-shot write of a single checkpoint does not need it: its commit is atomic by itself."""
 
     @abstractmethod
     def unlock(self) -> None:
         """Release the writer lock if held."""
+
+    def where(self, name: str) -> str:
+        """How checkpoint ``name`` is named in messages (a path or URL)."""
+        return os.path.join(self.root, name)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.root!r})"

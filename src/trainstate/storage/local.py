@@ -8,6 +8,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import shutil
 import stat
 import time
@@ -158,9 +159,59 @@ def _entries(path: str) -> list[os.DirEntry[str]]:
 
 
 def _temp_name(kind: str, name: str) -> str:
-    """A unique temporary sibling name; the checkpoint's name is shortened so it stays under 255 bytes."""
+    """A unique temporary sibling name carrying the writer's pid; the checkpoint's name is shortened
+    so it stays under 255 bytes."""
     short = name.encode("utf-8", "surrogateescape")[:64].decode("utf-8", "ignore")
-    return f"{TEMP_PREFIX}{kind}{short}-{uuid.uuid4().hex[:12]}"
+    return f"{TEMP_PREFIX}{kind}{short}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+_TEMP_PID = re.compile(r"-(\d+)-[0-9a-f]{12}\Z")
+
+# Temporary directories of writes in progress in this process. Every writer also holds an flock on
+# its temporary directory until it commits or aborts, so `cleanup` can tell a live writer's work
+# (in any process) from a dead one's without a directory-wide lock: a one-shot `save` beside a
+# running CheckpointManager needs no lock of the manager's.
+_ACTIVE_TEMPS: set[str] = set()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _try_lock_dir(path: str) -> int | None:
+    """An fd holding an exclusive flock on directory ``path``; None if another writer holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return -1  # gone, or not a directory: nothing to protect
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _abandoned(root: str, entry: str) -> bool:
+    """Whether temporary entry ``entry`` belongs to a writer that is gone (and may be removed)."""
+    path = os.path.join(root, entry)
+    if path in _ACTIVE_TEMPS:
+        return False
+    fd = _try_lock_dir(path)
+    if fd is None:
+        return False  # a live writer in another process holds it
+    if fd >= 0:
+        os.close(fd)
+    match = _TEMP_PID.search(entry)
+    pid = int(match.group(1)) if match else None
+    # A live other process may be between creating its directory and locking it.
+    return pid is None or pid == os.getpid() or not _pid_alive(pid)
 
 
 def _kind(mode: int) -> str:
@@ -173,10 +224,23 @@ class _LocalPending(PendingCheckpoint):
         self._final = os.path.join(storage.root, name)
         self._overwrite = overwrite
         self._tmp = os.path.join(storage.root, _temp_name("", name))
+        _ACTIVE_TEMPS.add(self._tmp)
         try:
             os.mkdir(self._tmp)
+            fd = _try_lock_dir(self._tmp)
+            assert fd is not None and fd >= 0, "a fresh temporary directory is nobody else's"
         except OSError as exc:
+            _ACTIVE_TEMPS.discard(self._tmp)
             raise _write_error("creating the temporary directory", self._tmp, exc) from exc
+        self._lock_fd = fd
+        _HELD_LOCKS.add(fd)  # forked children close it: they must not keep a dead writer's work alive
+
+    def _release(self) -> None:
+        fd, self._lock_fd = self._lock_fd, -1
+        if fd >= 0:
+            _HELD_LOCKS.discard(fd)
+            os.close(fd)
+        _ACTIVE_TEMPS.discard(self._tmp)
 
     def write(self, filename: str, chunks: Iterable[Buffer]) -> int:
         path = os.path.join(self._tmp, check_name(filename, where=self._final))
@@ -232,6 +296,7 @@ class _LocalPending(PendingCheckpoint):
             if isinstance(exc, CheckpointExistsError):
                 raise
             raise _write_error(step, self._final, exc) from exc
+        self._release()
 
     def _unpublish(self) -> None:
         """After a failed parent fsync the rename may not be durable: take the checkpoint back down,
@@ -243,6 +308,7 @@ class _LocalPending(PendingCheckpoint):
 
     def abort(self) -> None:
         _remove(self._tmp)
+        self._release()
 
 
 class LocalStorage(Storage):
@@ -278,10 +344,10 @@ class LocalStorage(Storage):
 
     def begin(self, name: str, *, overwrite: bool = True) -> PendingCheckpoint:
         final = self._path(name)
+        self._ensure_root()
         _check_replaceable(final)  # fail before writing any data; commit checks again
         if not overwrite and os.path.lexists(final):
             raise CheckpointExistsError(f"{final}: already exists (pass overwrite=True to replace it)")
-        self._ensure_root()
         return _LocalPending(self, name, overwrite)
 
     def open(self, name: str, filename: str) -> ReadableFile:
@@ -368,7 +434,7 @@ class LocalStorage(Storage):
             return []
         removed = []
         for entry in entries:
-            if entry.startswith(TEMP_PREFIX):
+            if entry.startswith(TEMP_PREFIX) and _abandoned(self.root, entry):
                 _remove(os.path.join(self.root, entry))
                 removed.append(entry)
         if removed:
