@@ -1,6 +1,6 @@
 """Runs examples/train.py (or the example named by $KILL_DURING_SAVE_SCRIPT), but SIGKILLs itself inside
-the commit of step $KILL_DURING_SAVE_STEP: after every file of that checkpoint is written and fsynced, just
-before the rename publishes it."""
+the commit of step $KILL_DURING_SAVE_STEP: after every data file of that checkpoint is written and fsynced,
+before its manifest is written and the rename publishes it."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ target = f"step_{int(os.environ['KILL_DURING_SAVE_STEP']):08d}"
 real_commit = local._LocalPending.commit
 
 
-def commit_then_die(self: local._LocalPending) -> None:
+def commit_then_die(self: local._LocalPending, manifest: bytes) -> None:
     if os.path.basename(self._final) == target:
         os.kill(os.getpid(), signal.SIGKILL)
-    real_commit(self)
+    real_commit(self, manifest)
 
 
 local._LocalPending.commit = commit_then_die  # type: ignore[method-assign]

@@ -41,13 +41,11 @@ def test_every_file_and_directory_is_fsynced_in_commit_order(tmp_path, monkeypat
     if replace:
         pending = storage.begin("ckpt")
         pending.write("old.bin", [b"old"])
-        pending.write("manifest.json", [b"{}"])
-        pending.commit()
+        pending.commit(b"{}")
     events = _recorder(monkeypatch)
     pending = storage.begin("ckpt")
     pending.write("a.bin", [b"a" * 10])
-    pending.write("manifest.json", [b"{}"])
-    pending.commit()
+    pending.commit(b"{}")  # writes the manifest last
 
     publish = next(i for i, (kind, _) in enumerate(events) if kind in ("rename", "exchange"))
     synced_before = {os.path.basename(p) for kind, p in events[:publish] if kind == "fsync"}
@@ -214,3 +212,21 @@ def test_a_checkpoint_writer_does_not_clean_up_a_single_file_being_written(tmp_p
         f.write(b"part two")
     assert (tmp_path / "weights.safetensors").read_bytes() == b"part one, part two"
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "weights.safetensors"]
+
+
+def test_link_adds_a_committed_file_without_rewriting_it(tmp_path):
+    storage = LocalStorage(tmp_path)
+    first = storage.begin("a")
+    first.write("data.bin", [b"payload"])
+    first.commit(b"{}")
+    second = storage.begin("b")
+    assert second.link("data.bin", "a") == len(b"payload")
+    second.commit(b"{}")
+    assert os.stat(tmp_path / "b" / "data.bin").st_ino == os.stat(tmp_path / "a" / "data.bin").st_ino
+    storage.delete("a")  # self-contained: b keeps its file
+    assert (tmp_path / "b" / "data.bin").read_bytes() == b"payload"
+    third = storage.begin("c")
+    with pytest.raises(trainstate.CheckpointNotFoundError, match="no such file to link"):
+        third.link("data.bin", "a")
+    third.abort()
+    assert sorted(os.listdir(tmp_path)) == ["b"]

@@ -17,7 +17,7 @@ from trainstate._version import __version__
 from trainstate.errors import CheckpointError, CheckpointWriteError, UnsupportedValueError
 from trainstate.format.codec import TAG, Encoder, Path, format_path, is_plain_str
 from trainstate.format.hashing import new_hasher
-from trainstate.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest
+from trainstate.format.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest
 from trainstate.format.tensorfile import MAX_HEADER_BYTES, alias_key, dtype_name, encode_file
 from trainstate.storage.base import PendingCheckpoint
 
@@ -167,8 +167,7 @@ def execute_save(
         data = manifest.to_json()
         if len(data) > MAX_MANIFEST_BYTES:
             raise UnsupportedValueError(_oversized(len(data), manifest.tree, f"{plan.where}: "))
-        pending.write(MANIFEST_NAME, [data])
-        pending.commit()
+        pending.commit(data)
         return manifest
     except BaseException as exc:
         pending.abort()

@@ -89,7 +89,8 @@ def check_checkpoint_name(name: str, *, where: str) -> str:
 
 
 class PendingCheckpoint(ABC):
-    """A checkpoint being written: files go in with `write`, then `commit` publishes all or nothing."""
+    """A storage transaction: one checkpoint being written. Files go in with `write` (or `link`),
+    then `commit` writes the manifest last and publishes all or nothing; `abort` discards it."""
 
     @abstractmethod
     def write(self, filename: str, chunks: Iterable[Buffer]) -> int:
@@ -100,9 +101,17 @@ class PendingCheckpoint(ABC):
         """
 
     @abstractmethod
-    def commit(self) -> None:
-        """Publish every written file at once. Before this returns nothing is visible; after it,
-        everything is, durably. Raises CheckpointWriteError (nothing published) on failure."""
+    def link(self, filename: str, source: str) -> int:
+        """Add file ``filename`` of committed checkpoint ``source`` (same storage) without rewriting
+        it: a hard link locally, a server-side copy on an object store; returns its size. The
+        checkpoint stays self-contained (deleting ``source`` later never breaks it). Raises
+        CheckpointNotFoundError if the source file is missing, CheckpointWriteError on failure."""
+
+    @abstractmethod
+    def commit(self, manifest: bytes) -> None:
+        """Write ``manifest`` last (as `MANIFEST_NAME`) and publish every file at once. Before this
+        returns nothing is visible; after it, everything is, durably. Raises CheckpointWriteError
+        (nothing published) on failure."""
 
     @abstractmethod
     def abort(self) -> None:

@@ -264,7 +264,19 @@ class _LocalPending(PendingCheckpoint):
             raise _write_error(step, os.path.join(self._final, filename), exc) from exc
         return size
 
-    def commit(self) -> None:
+    def link(self, filename: str, source: str) -> int:
+        origin = self._storage._path(source, filename)
+        target = os.path.join(self._tmp, check_name(filename, where=self._final))
+        try:
+            os.link(origin, target, follow_symlinks=False)
+            return os.lstat(target).st_size
+        except FileNotFoundError as exc:
+            raise CheckpointNotFoundError(f"{origin}: no such file to link") from exc
+        except OSError as exc:
+            raise _write_error("linking", os.path.join(self._final, filename), exc) from exc
+
+    def commit(self, manifest: bytes) -> None:
+        self.write(MANIFEST_NAME, [manifest])  # last: its presence is what makes the checkpoint exist
         step = "fsync of the temporary directory"
         try:
             _fsync_dir(self._tmp)
