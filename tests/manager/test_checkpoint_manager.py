@@ -448,3 +448,18 @@ def test_a_metric_tensor_that_requires_grad_needs_no_torch_warning(tmp_path, rec
         mgr.save(1, model_state(), {"loss": loss})
         assert mgr.metrics(1) == {"loss": 4.0}
     assert not [w for w in recwarn if "requires_grad" in str(w.message)]
+
+
+def test_custom_retention_policies_join_the_union(tmp_path):
+    class KeepEpochEnds:
+        """A user's policy: keep the checkpoint of every third step (an epoch's end)."""
+
+        def keep(self, infos):
+            return {i.step for i in infos if i.step % 3 == 0}
+
+    with CheckpointManager(tmp_path, keep_last=1, retain=[KeepEpochEnds()]) as mgr:
+        for step in range(1, 8):
+            mgr.save(step, model_state())
+        assert mgr.steps() == [3, 6, 7]
+    with pytest.raises(TypeError, match="has no keep"):
+        CheckpointManager(tmp_path, retain=[object()])

@@ -15,7 +15,7 @@ from trainstate.errors import CheckpointError, CheckpointNotFoundError
 from trainstate.format import MANIFEST_NAME, CheckpointReader, Manifest
 from trainstate.format.codec import format_path
 from trainstate.format.tensorfile import HeaderEntry, dtype_from_name, stored_as
-from trainstate.manager import checkpoint_info, parse_step_name
+from trainstate.manager import CheckpointInfo, KeepBest, checkpoint_info, parse_step_name
 from trainstate.storage import QUARANTINE_DIR, TEMP_PREFIX, LocalStorage, Storage, local_path, split_path
 
 __all__ = ["Entry", "Scan", "open_checkpoint", "scan", "verify_entry"]
@@ -80,11 +80,11 @@ class Scan:
         return max(stepped, key=lambda e: e.step or 0) if stepped else None
 
     def best(self, monitor: str, mode: str) -> Entry | None:
-        scored = [(v, e.step or 0, e) for e in self.committed if (v := e.metric(monitor)) is not None]
-        if not scored:
-            return None
-        sign = 1.0 if mode == "min" else -1.0
-        return min(scored, key=lambda t: (sign * t[0], t[1]))[2]  # older wins ties, as the manager's KeepBest
+        """The manager's own choice of best (KeepBest: finite values only, older wins ties)."""
+        stepped = {e.step: e for e in self.committed if e.step is not None}
+        infos = [CheckpointInfo(step, e.metrics) for step, e in stepped.items()]
+        best = KeepBest(1, monitor, "max" if mode == "max" else "min").keep(infos)
+        return stepped[next(iter(best))] if best else None
 
     def metric_names(self) -> list[str]:
         return sorted({name for e in self.committed for name in e.metrics})

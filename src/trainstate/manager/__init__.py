@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from trainstate.manager.checkpoint_manager import CheckpointManager, checkpoint_info, parse_step_name, step_name
 from trainstate.manager.early_stopping import EarlyStopping
-from trainstate.manager.policies import CheckpointInfo, KeepBest, KeepEvery, KeepLast, Retention, SaveTrigger
+from trainstate.manager.policies import (
+    CheckpointInfo,
+    KeepBest,
+    KeepEvery,
+    KeepLast,
+    Retention,
+    RetentionPolicy,
+    SaveTrigger,
+)
 from trainstate.manager.preemption import PreemptionHandler
 
 __all__ = [
@@ -16,6 +24,7 @@ __all__ = [
     "KeepLast",
     "PreemptionHandler",
     "Retention",
+    "RetentionPolicy",
     "SaveTrigger",
     "checkpoint_info",
     "parse_step_name",

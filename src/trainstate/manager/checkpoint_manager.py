@@ -39,6 +39,7 @@ from trainstate.manager.policies import (
     KeepLast,
     Mode,
     Retention,
+    RetentionPolicy,
     SaveTrigger,
     metric_value,
 )
@@ -140,6 +141,9 @@ class CheckpointManager:
             `save` saves whatever the triggers say and ``should_stop`` becomes True.
         lock_timeout: Seconds to wait for another writer of the directory (e.g. a ``trainstate prune``)
             before raising CheckpointLockedError; 0 fails at once.
+        retain: Your own retention policies (anything with ``keep(infos) -> set of steps``, see
+            `RetentionPolicy`), kept in the union with the others (ignored with ``keep_last=None``,
+            which keeps everything).
 
     Example:
         >>> import torch, trainstate
@@ -167,6 +171,7 @@ class CheckpointManager:
         early_stopping: EarlyStopping | None = None,
         preemption_signals: Iterable[signal.Signals | int] | None = None,
         lock_timeout: float = 30.0,
+        retain: Iterable[RetentionPolicy] = (),
     ) -> None:
         _check_options(keep_last, keep_best, monitor, mode, keep_every, every_n_steps, every_n_seconds, early_stopping)
         self._storage = open_storage(directory)  # ValueError for a scheme this trainstate cannot write
@@ -176,11 +181,16 @@ class CheckpointManager:
         self.monitor, self.mode = monitor, mode
         self.async_save = async_save
         self.early_stopping = early_stopping
-        policies: list[KeepLast | KeepBest | KeepEvery] = []
+        extra = list(retain)
+        for policy in extra:
+            if not isinstance(policy, RetentionPolicy):
+                raise TypeError(f"retain: {policy!r} has no keep(infos) -> set of steps (see RetentionPolicy)")
+        policies: list[RetentionPolicy] = []
         if keep_last is not None:
             policies += [KeepLast(keep_last)]
             policies += [KeepBest(keep_best, monitor, mode)] if keep_best and monitor else []
             policies += [KeepEvery(keep_every)] if keep_every else []
+            policies += extra
         self._retention = Retention(tuple(policies))
         self._trigger = SaveTrigger(every_n_steps, every_n_seconds)
         self._lock_timeout = lock_timeout

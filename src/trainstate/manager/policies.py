@@ -5,9 +5,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
-__all__ = ["CheckpointInfo", "KeepBest", "KeepEvery", "KeepLast", "Retention", "SaveTrigger", "is_better"]
+__all__ = [
+    "CheckpointInfo",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
+    "Retention",
+    "RetentionPolicy",
+    "SaveTrigger",
+    "is_better",
+]
 
 Mode = Literal["min", "max"]
 
@@ -33,6 +42,15 @@ def is_better(candidate: float, reference: float | None, mode: Mode, min_delta: 
     if reference is None:
         return True
     return candidate < reference - min_delta if mode == "min" else candidate > reference + min_delta
+
+
+@runtime_checkable
+class RetentionPolicy(Protocol):
+    """Says which committed checkpoints it keeps; the manager keeps the union of its policies (and
+    always the newest). Pure: no I/O, a function of the infos alone (like orbax's preservation
+    policies). Write your own to keep, say, the checkpoint of every epoch's end."""
+
+    def keep(self, infos: Sequence[CheckpointInfo]) -> set[int]: ...
 
 
 @dataclass(frozen=True)
@@ -73,7 +91,7 @@ class KeepEvery:
 class Retention:
     """Union of policies; the newest checkpoint is always kept. No policies means keep everything."""
 
-    policies: tuple[KeepLast | KeepBest | KeepEvery, ...] = ()
+    policies: tuple[RetentionPolicy, ...] = ()
 
     def to_delete(self, infos: Sequence[CheckpointInfo]) -> list[int]:
         """Steps no policy keeps, ascending."""
