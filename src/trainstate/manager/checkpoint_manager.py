@@ -45,7 +45,7 @@ from trainstate.manager.policies import (
 )
 from trainstate.manager.preemption import PreemptionHandler
 from trainstate.manager.snapshot import capture
-from trainstate.storage import open_storage
+from trainstate.storage import Storage, open_storage
 
 __all__ = ["CheckpointManager", "checkpoint_info", "parse_step_name", "step_name"]
 
@@ -126,7 +126,7 @@ class CheckpointManager:
     committed manifests; there is no side file that could disagree with them.
 
     Args:
-        directory: Where the checkpoints live (created on first save).
+        directory: Where the checkpoints live (created on first save): a path, a URL, or a `Storage`.
         keep_last: Keep this many newest checkpoints; None keeps all.
         keep_best: Keep this many best checkpoints by ``monitor``.
         monitor: Metric name that defines "best" (and drives ``early_stopping``).
@@ -158,7 +158,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        directory: str | os.PathLike[str],
+        directory: str | os.PathLike[str] | Storage,
         *,
         keep_last: int | None = 5,
         keep_best: int | None = None,
@@ -174,7 +174,8 @@ class CheckpointManager:
         retain: Iterable[RetentionPolicy] = (),
     ) -> None:
         _check_options(keep_last, keep_best, monitor, mode, keep_every, every_n_steps, every_n_seconds, early_stopping)
-        self._storage = open_storage(directory)  # ValueError for a scheme this trainstate cannot write
+        # A ValueError for a scheme this trainstate cannot write; a Storage object is used as it is.
+        self._storage = directory if isinstance(directory, Storage) else open_storage(directory)
         self.directory = self._storage.root
         if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
             raise CheckpointWriteError(f"{self.directory}: exists and is not a directory")
