@@ -463,3 +463,24 @@ def test_custom_retention_policies_join_the_union(tmp_path):
         assert mgr.steps() == [3, 6, 7]
     with pytest.raises(TypeError, match="has no keep"):
         CheckpointManager(tmp_path, retain=[object()])
+
+
+def test_an_async_save_in_flight_has_a_handle(tmp_path):
+    from faulty_storage import Faults, FaultyStorage
+    from trainstate.storage import LocalStorage
+
+    with CheckpointManager(tmp_path / "ok", async_save=True) as mgr:
+        assert mgr.in_flight is None
+        mgr.save(1, model_state())
+        handle = mgr.in_flight
+        assert handle is not None and handle.step == 1
+        assert handle.result() == 1 and handle.done() and mgr.steps() == [1]
+    faults = Faults(fail_at=2)  # the tensor file's write
+    with CheckpointManager(FaultyStorage(LocalStorage(tmp_path / "bad"), faults), async_save=True) as mgr:
+        mgr.save(1, model_state())
+        handle = mgr.in_flight
+        with pytest.raises(trainstate.CheckpointWriteError, match="injected"):
+            handle.result()
+        with pytest.raises(trainstate.CheckpointWriteError, match="injected"):
+            mgr.wait()  # the manager re-raises it too
+        assert mgr.steps() == []

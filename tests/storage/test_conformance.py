@@ -2,7 +2,7 @@
 
 Each test runs against every backend in ``BACKENDS`` (local today; an object-store backend adds
 itself here and inherits the suite). The fault-injection part wraps a backend in
-``faulty.FaultyStorage`` and fails each mutating call of a CheckpointManager save in turn.
+``faulty_storage.FaultyStorage`` and fails each mutating call of a CheckpointManager save in turn.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from faulty import Faults, FaultyStorage
 
 import trainstate
+from faulty_storage import Faults, FaultyStorage
 from support import assert_same
 from trainstate import CheckpointExistsError, CheckpointManager, CheckpointNotFoundError, CheckpointWriteError
 from trainstate.storage import MANIFEST_NAME, LocalStorage, Storage

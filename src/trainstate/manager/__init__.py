@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from trainstate.manager.checkpoint_manager import CheckpointManager, checkpoint_info, parse_step_name, step_name
+from trainstate.manager.checkpoint_manager import (
+    CheckpointManager,
+    SaveHandle,
+    checkpoint_info,
+    parse_step_name,
+    step_name,
+)
 from trainstate.manager.early_stopping import EarlyStopping
 from trainstate.manager.policies import (
     CheckpointInfo,
@@ -25,6 +31,7 @@ __all__ = [
     "PreemptionHandler",
     "Retention",
     "RetentionPolicy",
+    "SaveHandle",
     "SaveTrigger",
     "checkpoint_info",
     "parse_step_name",

@@ -15,6 +15,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -44,10 +45,10 @@ from trainstate.manager.policies import (
     metric_value,
 )
 from trainstate.manager.preemption import PreemptionHandler
-from trainstate.manager.snapshot import capture
+from trainstate.manager.snapshot import Direct, HostCopy, Stager
 from trainstate.storage import Storage, open_storage
 
-__all__ = ["CheckpointManager", "checkpoint_info", "parse_step_name", "step_name"]
+__all__ = ["CheckpointManager", "SaveHandle", "checkpoint_info", "parse_step_name", "step_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,26 @@ def parse_step_name(name: str) -> int | None:
     """Inverse of `step_name`; None for a name the manager did not give."""
     match = _NAME_RE.fullmatch(name)
     return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class SaveHandle:
+    """A save in flight: `done` polls, `wait`/`result` block until it is committed and re-raise its
+    error (it is also raised by the manager's next call)."""
+
+    step: int
+    _future: Future[None]
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> int:
+        """Block until committed (or ``timeout`` seconds); returns the step, or raises the save's error."""
+        self._future.result(timeout)
+        return self.step
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.result(timeout)
 
 
 def checkpoint_info(name: str, metadata: Any, *, where: str) -> CheckpointInfo:
@@ -201,6 +222,7 @@ class CheckpointManager:
         self._broken: list[str] = []
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: Future[None] | None = None
+        self._stager: Stager = HostCopy()
         self._requested_step: int | None = None
         self._last_save_time = time.monotonic()
         self._preemption = PreemptionHandler(preemption_signals) if preemption_signals else None
@@ -332,7 +354,8 @@ class CheckpointManager:
                 stopper.update(value, self.mode)
             record["early_stopping"] = stopper.state_dict()
         self._acquire()
-        snapshot = capture(adapt_for_save(state)) if self.async_save and not preempted else state
+        stager = self._stager if self.async_save and not preempted else Direct()  # preemption saves are sync
+        snapshot = stager.stage(adapt_for_save(state))
         # Encoded here, in the caller's thread: a state that cannot be saved fails this call, not the next.
         plan = plan_state(snapshot, metadata=record, where=self._storage.where(step_name(step)))
         env = {"dataloader_workers": _loader_workers(state)}
@@ -372,6 +395,12 @@ class CheckpointManager:
             with self._index_lock:
                 self._index.pop(old, None)
             logger.info("%s: removed step %d (retention)", self.directory, old)
+
+    @property
+    def in_flight(self) -> SaveHandle | None:
+        """The save still being written in the background (``async_save=True``), or None."""
+        future = self._inflight
+        return None if future is None or self._requested_step is None else SaveHandle(self._requested_step, future)
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed; re-raises its error."""

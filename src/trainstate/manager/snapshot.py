@@ -1,10 +1,15 @@
-"""Capturing a state for a background save: state dicts taken now, tensors copied to host memory."""
+"""Staging a state for a save: what the writer reads while training goes on.
+
+A `Stager` is the only thing that differs between a synchronous save (the writer reads the live
+tensors while the caller waits: `Direct`) and an asynchronous one (state dicts taken now, tensors
+copied to host memory: `HostCopy`). Reusable pinned buffers will be another stager.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -12,7 +17,7 @@ import torch
 from trainstate.format.codec import is_stateful, qualified_type, unwrap_module
 from trainstate.format.tensorfile import alias_key
 
-__all__ = ["Captured", "capture"]
+__all__ = ["Captured", "Direct", "HostCopy", "Stager", "capture"]
 
 
 class Captured:
@@ -65,3 +70,24 @@ def capture(state: Mapping[str, Any]) -> dict[str, Any]:
         return value  # plain values are immutable or refused by the codec later, as in a sync save
 
     return walk(dict(state))
+
+
+class Stager(Protocol):
+    """Turns a state into what a save writes: after `stage` returns, training may change the live
+    objects only if the stager copied them."""
+
+    def stage(self, state: Mapping[str, Any]) -> Mapping[str, Any]: ...
+
+
+class Direct:
+    """No copy: for saves the caller waits for (the writer reads the live tensors)."""
+
+    def stage(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
+        return state
+
+
+class HostCopy:
+    """State dicts taken now and every tensor copied to fresh host memory (`capture`)."""
+
+    def stage(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
+        return capture(state)
