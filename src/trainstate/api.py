@@ -285,9 +285,10 @@ class _Restorer:
             if key in target:
                 result[key] = self.walk(child, target[key], (*path, key))
                 continue
-            if holds_tensors(child) or (isinstance(child, dict) and child.get(TAG) == "stateful"):
+            tensors = holds_tensors(child)
+            if tensors or (isinstance(child, dict) and child.get(TAG) == "stateful"):
                 self.unnamed.append(format_path((*path, key)))  # a live object's state, or tensors
-            if not holds_tensors(child):  # plain values live in the manifest: returned, as torch.load would
+            if not tensors:  # plain values live in the manifest: returned, as torch.load would
                 result[key] = self._decode(child, (*path, key))
             # tensors not asked for are not read: a load of the model alone reads only its files
         for key, value in target.items():
