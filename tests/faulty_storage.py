@@ -75,6 +75,9 @@ class FaultyStorage(Storage):
     def exists(self, name: str, filename: str | None = None) -> bool:
         return self._inner.exists(name, filename)
 
+    def files(self, name: str) -> builtins.list[str]:
+        return self._inner.files(name)
+
     def list(self) -> builtins.list[str]:
         return self._inner.list()
 

@@ -15,7 +15,8 @@ from trainstate.errors import CheckpointError, CheckpointNotFoundError
 from trainstate.format import MANIFEST_NAME, CheckpointReader, Manifest
 from trainstate.format.codec import format_path
 from trainstate.format.tensorfile import HeaderEntry, dtype_from_name, stored_as
-from trainstate.manager import CheckpointInfo, KeepBest, checkpoint_info, parse_step_name
+from trainstate.manager import CheckpointInfo, KeepBest, parse_step_name
+from trainstate.manager.catalog import catalog_entry
 from trainstate.storage import QUARANTINE_DIR, TEMP_PREFIX, LocalStorage, Storage, local_path, split_path
 
 __all__ = ["Entry", "Scan", "open_checkpoint", "scan", "verify_entry"]
@@ -98,42 +99,26 @@ def _disk_size(path: str) -> int:
 
 
 def _entry(storage: Storage, name: str) -> Entry | None:
-    path = os.path.join(storage.root, name)
-    if not os.path.isdir(path) or os.path.islink(path):
+    """The catalog's entry (the manager's own view of it), with its size and age on disk."""
+    found = catalog_entry(storage, name)
+    if found is None or found.status == "vanished":
         return None
-    step = parse_step_name(name)
-    mtime = os.lstat(path).st_mtime
-    entry = Entry(name=name, path=path, status="ok", step=step, size=_disk_size(path), mtime=mtime)
+    path = os.path.join(storage.root, name)
     try:
-        files = os.listdir(path)
-    except OSError as exc:  # e.g. permission denied: we cannot tell what it holds
-        entry.status, entry.problem = "unreadable", f"{path}: cannot read it: {os.strerror(exc.errno or 0)}"
-        return entry
-    if MANIFEST_NAME not in files:
-        if step is None and not any(f.endswith(".safetensors") for f in files):
-            return None  # an unrelated directory (logs, plots), not a checkpoint
-        entry.status, entry.problem = "incomplete", f"{path}: no {MANIFEST_NAME} (never committed)"
-        return entry
-    try:
-        with CheckpointReader(storage, name) as reader:
-            entry.manifest = reader.manifest
-            metadata = reader.metadata()
-    except CheckpointError as exc:
-        entry.status, entry.problem = "corrupt", str(exc)
-        return entry
-    except OSError as exc:
-        entry.status, entry.problem = "unreadable", f"{path}: cannot read it: {exc}"
-        return entry
-    entry.metadata = metadata if isinstance(metadata, dict) else {}
-    saved_step = entry.metadata.get("step")
-    if step is not None:
-        try:  # the manager's own definition of a valid checkpoint of its directory
-            checkpoint_info(name, metadata, where=path)
-        except CheckpointError as exc:
-            entry.status, entry.problem = "corrupt", str(exc)
-    elif type(saved_step) is int:
-        entry.step = saved_step
-    return entry
+        mtime = os.lstat(path).st_mtime
+    except OSError:
+        mtime = 0.0
+    return Entry(
+        name=name,
+        path=path,
+        status=found.status,
+        problem=found.problem,
+        step=found.step,
+        manifest=found.manifest,
+        metadata=found.metadata,
+        size=_disk_size(path),
+        mtime=mtime,
+    )
 
 
 def scan(directory: str) -> Scan:

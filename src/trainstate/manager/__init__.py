@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from trainstate.manager.checkpoint_manager import (
-    CheckpointManager,
-    SaveHandle,
-    checkpoint_info,
-    parse_step_name,
-    step_name,
-)
+from trainstate.manager.catalog import CatalogEntry, checkpoint_info, parse_step_name, read_catalog, step_name
+from trainstate.manager.checkpoint_manager import CheckpointManager, SaveHandle
 from trainstate.manager.early_stopping import EarlyStopping
 from trainstate.manager.policies import (
     CheckpointInfo,
@@ -22,6 +17,7 @@ from trainstate.manager.policies import (
 from trainstate.manager.preemption import PreemptionHandler
 
 __all__ = [
+    "CatalogEntry",
     "CheckpointInfo",
     "CheckpointManager",
     "EarlyStopping",
@@ -35,5 +31,6 @@ __all__ = [
     "SaveTrigger",
     "checkpoint_info",
     "parse_step_name",
+    "read_catalog",
     "step_name",
 ]

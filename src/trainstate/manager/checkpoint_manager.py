@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -32,6 +31,7 @@ from trainstate.errors import (
 from trainstate.format.reader import CheckpointReader, MapLocation
 from trainstate.format.writer import SavePlan, environment, execute_save
 from trainstate.loaders import adapt_for_save
+from trainstate.manager.catalog import parse_step_name, read_catalog, step_name
 from trainstate.manager.early_stopping import EarlyStopping
 from trainstate.manager.policies import (
     CheckpointInfo,
@@ -48,23 +48,9 @@ from trainstate.manager.preemption import PreemptionHandler
 from trainstate.manager.snapshot import Direct, HostCopy, Stager
 from trainstate.storage import Storage, open_storage
 
-__all__ = ["CheckpointManager", "SaveHandle", "checkpoint_info", "parse_step_name", "step_name"]
+__all__ = ["CheckpointManager", "SaveHandle"]
 
 logger = logging.getLogger(__name__)
-
-_NAME_RE = re.compile(r"step_(\d{8,})")
-
-
-def step_name(step: int) -> str:
-    """The directory name of a manager checkpoint: ``step_name(300) == "step_00000300"``."""
-    return f"step_{step:08d}"
-
-
-def parse_step_name(name: str) -> int | None:
-    """Inverse of `step_name`; None for a name the manager did not give."""
-    match = _NAME_RE.fullmatch(name)
-    return int(match.group(1)) if match else None
-
 
 @dataclass(frozen=True)
 class SaveHandle:
@@ -84,22 +70,6 @@ class SaveHandle:
 
     def wait(self, timeout: float | None = None) -> None:
         self.result(timeout)
-
-
-def checkpoint_info(name: str, metadata: Any, *, where: str) -> CheckpointInfo:
-    """What the manager knows of its checkpoint ``name`` from the manifest's metadata: the one
-    definition of a valid manager checkpoint (the CLI uses it too). Raises CorruptCheckpointError
-    unless ``metadata.step`` is the very int the name gives and ``metrics`` maps names to numbers."""
-    named = parse_step_name(name)
-    step = metadata.get("step") if isinstance(metadata, dict) else None
-    if named is None or type(step) is not int or step != named:
-        raise CorruptCheckpointError(f"{where}: the manifest says step {step!r}, the name says {named}")
-    metrics = metadata.get("metrics") or {}
-    if not isinstance(metrics, dict) or not all(
-        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in metrics.items()
-    ):
-        raise CorruptCheckpointError(f"{where}: the manifest's metrics are not a mapping of names to numbers")
-    return CheckpointInfo(step, {k: float(v) for k, v in metrics.items()})
 
 
 _RESERVED_METADATA = ("step", "metrics", "early_stopping")  # beside them, save(metadata=...) entries
@@ -570,25 +540,22 @@ class CheckpointManager:
             self._scan()  # another writer may have committed while we were not holding the lock
 
     def _scan(self) -> bool:
-        """Rebuild the index from the committed manifests on disk; True if a checkpoint vanished
-        while it was being read (a concurrent writer's retention), so the picture may be stale."""
+        """Rebuild the index from the catalog of committed manifests; True if a checkpoint vanished
+        while it was being read (a concurrent writer's retention), so the picture may be stale.
+        A checkpoint that cannot be read at all (permissions) is raised: that is not damage."""
         index: dict[int, CheckpointInfo] = {}
         broken = []
         vanished = False
-        for name in self._storage.list():
-            named_step = parse_step_name(name)
-            if named_step is None:
-                continue
-            try:
-                reader = CheckpointReader(self._storage, name)
-                info = checkpoint_info(name, reader.metadata(), where=reader.where)
-                index[info.step] = info
-            except CheckpointError as exc:
-                if isinstance(exc, CheckpointNotFoundError) and not self._storage.exists(name):
-                    vanished = True
-                    continue
-                broken.append(name)
-                logger.debug("%s: %s is not a valid checkpoint: %s", self.directory, name, exc)
+        for entry in read_catalog(self._storage):
+            if entry.error is not None and parse_step_name(entry.name) is not None:
+                raise entry.error
+            if entry.status == "vanished":
+                vanished = True
+            elif entry.info is not None and entry.status == "ok":
+                index[entry.info.step] = entry.info
+            elif parse_step_name(entry.name) is not None:
+                broken.append(entry.name)
+                logger.debug("%s: %s is not a valid checkpoint: %s", self.directory, entry.name, entry.problem)
         with self._index_lock:
             self._index = index
         self._broken = broken

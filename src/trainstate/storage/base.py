@@ -147,6 +147,12 @@ class Storage(ABC):
         raises OSError (naming the path) when it cannot tell, e.g. permission denied."""
 
     @abstractmethod
+    def files(self, name: str) -> builtins.list[str]:
+        """Names of the files in checkpoint ``name`` (committed or not). Raises FileNotFoundError if
+        it is missing, NotADirectoryError if it is not a checkpoint directory, OSError (naming the
+        path) when it cannot be read."""
+
+    @abstractmethod
     def list(self) -> builtins.list[str]:
         """Names of the entries in the root, excluding in-progress temporaries. Missing root: []."""
 

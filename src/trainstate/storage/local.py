@@ -398,6 +398,12 @@ class LocalStorage(Storage):
             return False
         return True  # other errors (permission denied) are raised: we cannot tell
 
+    def files(self, name: str) -> builtins.list[str]:
+        path = self._path(name)
+        if os.path.islink(path):
+            raise NotADirectoryError(errno.ENOTDIR, "a symlink, not a checkpoint directory", path)
+        return sorted(os.listdir(path))
+
     def list(self) -> builtins.list[str]:
         try:
             entries = os.listdir(self.root)
