@@ -484,3 +484,20 @@ def test_an_async_save_in_flight_has_a_handle(tmp_path):
         with pytest.raises(trainstate.CheckpointWriteError, match="injected"):
             mgr.wait()  # the manager re-raises it too
         assert mgr.steps() == []
+
+
+def test_an_unreadable_checkpoint_is_raised_not_skipped(tmp_path, monkeypatch):
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, model_state())
+        mgr.save(2, model_state())
+    real_listdir = os.listdir
+    locked = str(tmp_path / "step_00000002")
+
+    def listdir(path="."):
+        if os.fspath(path) == locked:  # as without read permission (tests run as root)
+            raise PermissionError(13, "Permission denied", locked)
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    with pytest.raises(PermissionError, match="step_00000002"):
+        CheckpointManager(tmp_path)  # not damage: falling back to step 1 would hide it
