@@ -105,3 +105,29 @@ def test_loader_without_generator_warns_that_the_resume_shifted_the_rng(tmp_path
         after = _loop(make_loader, epochs=2, resume=(tmp_path / "c", (0, 2)))
     full = _loop(make_loader, epochs=2)
     assert [b for _, b, _ in after] == [b for _, b, _ in full[2:]]  # the data order is still exact
+
+
+def test_exact_with_persistent_workers_when_set_epoch_is_called(tmp_path):
+    """With persistent workers the loader iterator outlives each epoch; set_epoch at the start of an
+    epoch tells the sampler which one the loop is in (the README's recipe)."""
+
+    def loop(**kwargs):
+        torch.manual_seed(0 if kwargs.get("resume") is None else 999)
+        sampler = trainstate.ResumableSampler(DATA, seed=3)
+        loader = DataLoader(
+            DATA, batch_size=4, sampler=sampler, num_workers=1, persistent_workers=True, generator=torch.Generator()
+        )
+        epochs = iter(range(kwargs.get("resume", (None, (0, 0)))[1][0], 3))
+
+        def epoch_batches():
+            sampler.set_epoch(next(epochs))
+            return loader
+
+        return epoch_loop({"sampler": sampler, "rng": trainstate.RNGState()}, epoch_batches, epochs=3, **kwargs)
+
+    full = loop()
+    for position in [(0, 3), (0, 6), (1, 0), (1, 5)]:
+        ckpt = tmp_path / f"{position[0]}-{position[1]}"
+        before = loop(stop=position, save_to=ckpt)
+        after = loop(resume=(ckpt, position))
+        assert before + after == full, f"diverged after a checkpoint at {position}"
