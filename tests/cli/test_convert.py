@@ -256,6 +256,9 @@ def test_docstring_examples_run():
     import doctest
 
     import trainstate.convert
+    import trainstate.convert.unpickle
 
-    result = doctest.testmod(trainstate.convert, optionflags=doctest.ELLIPSIS)
-    assert result.attempted == 10 and result.failed == 0
+    results = [
+        doctest.testmod(m, optionflags=doctest.ELLIPSIS) for m in (trainstate.convert, trainstate.convert.unpickle)
+    ]
+    assert sum(r.attempted for r in results) == 10 and sum(r.failed for r in results) == 0

@@ -52,6 +52,7 @@ __all__ = ["CheckpointManager", "SaveHandle"]
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class SaveHandle:
     """A save in flight: `done` polls, `wait`/`result` block until it is committed and re-raise its

@@ -1,0 +1,163 @@
+"""Convert foreign checkpoints to trainstate checkpoints, and trainstate checkpoints to ``torch.save`` files.
+
+Sources: a ``torch.save`` file (``.pt``/``.pth``/``.bin``), a PyTorch Lightning ``.ckpt``, a Hugging
+Face ``Trainer`` checkpoint directory, and a ``torch.distributed.checkpoint`` (DCP) directory.
+A checkpoint is untrusted input: every pickle is read with ``torch.load(weights_only=True)`` plus a
+short allowlist of harmless types (numpy arrays and scalars, ``argparse.Namespace``, Lightning's
+``AttributeDict``, paths), and DCP's pickled ``.metadata`` with an unpickler that only builds DCP's
+own metadata classes. Full unpickling, which runs code from the file, needs ``trust_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from trainstate.api import load, save
+from trainstate.convert.common import _DCP_METADATA, SOURCE_KINDS, TORCH_SUFFIXES, Progress, Source, _drop
+from trainstate.convert.dcp import _read_dcp
+from trainstate.convert.hf_trainer import _HF_STATE, _HF_WEIGHTS, _read_hf
+from trainstate.convert.torch_file import _read_file, _read_lightning
+from trainstate.convert.unpickle import load_torch_file
+from trainstate.errors import CheckpointExistsError, CheckpointNotFoundError, UnsupportedFormatError
+from trainstate.format.manifest import MANIFEST_NAME
+from trainstate.format.reader import CheckpointReader
+from trainstate.storage import atomic_write_file, local_path, split_path
+
+__all__ = [
+    "SOURCE_KINDS",
+    "TORCH_SUFFIXES",
+    "Source",
+    "detect_source",
+    "load_torch_file",
+    "read_source",
+    "to_torch_file",
+    "to_trainstate",
+]
+
+
+def detect_source(path: str | os.PathLike[str]) -> str:
+    """``"trainstate"``, ``"dcp"``, ``"hf-trainer"`` or ``"torch"`` (a ``.ckpt`` is told apart from a
+    plain ``torch.save`` file only once loaded); raises if the path is none of them."""
+    text = os.fspath(path)
+    if os.path.isdir(text):
+        if os.path.isfile(os.path.join(text, MANIFEST_NAME)):
+            return "trainstate"
+        if os.path.isfile(os.path.join(text, _DCP_METADATA)):
+            return "dcp"
+        if os.path.isfile(os.path.join(text, _HF_STATE)) or any(
+            os.path.isfile(os.path.join(text, f)) for f in _HF_WEIGHTS
+        ):
+            return "hf-trainer"
+        raise UnsupportedFormatError(
+            f"{text}: not a recognised checkpoint directory (no {MANIFEST_NAME}, DCP {_DCP_METADATA}, "
+            f"or Hugging Face {_HF_STATE}/model weights)"
+        )
+    if os.path.isfile(text):
+        return "torch"
+    raise CheckpointNotFoundError(f"{text}: no such file or directory")
+
+
+def read_source(
+    path: str | os.PathLike[str],
+    *,
+    kind: str | None = None,
+    trust_pickle: bool = False,
+    native: bool = False,
+    progress: Progress | None = None,
+) -> Source:
+    """Read a foreign checkpoint into a `Source`.
+
+    Args:
+        path: A ``torch.save``/Lightning file, a Hugging Face Trainer checkpoint directory or a DCP directory.
+        kind: One of `SOURCE_KINDS`; detected when None.
+        trust_pickle: Fully unpickle files that hold arbitrary Python objects (runs code from them).
+        native: Keep the source's own top-level layout. By default framework checkpoints are mapped
+            to ``model``/``optimizer``/``scheduler``/``rng`` so that `trainstate.load` restores them
+            into live objects, and everything else is kept under the framework's name.
+        progress: Called with a short description of each step.
+    """
+    text = local_path(path)
+    detected = detect_source(text)
+    if detected == "trainstate":
+        raise UnsupportedFormatError(f"{text}: is already a trainstate checkpoint")
+    if kind is not None and kind not in _READERS:
+        raise ValueError(f"kind={kind!r}: use one of {', '.join(SOURCE_KINDS)}")
+    reader = _READERS[kind or detected]
+    return reader(text, trust_pickle, native, progress or (lambda _: None), kind is None)
+
+
+_READERS: dict[str, Callable[[str, bool, bool, Progress, bool], Source]] = {
+    "torch": _read_file,
+    "lightning": _read_lightning,
+    "hf-trainer": _read_hf,
+    "dcp": _read_dcp,
+}
+
+
+def to_trainstate(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    kind: str | None = None,
+    trust_pickle: bool = False,
+    native: bool = False,
+    exclude: Sequence[str] = (),
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Source:
+    """Convert a foreign checkpoint at ``src`` into a trainstate checkpoint directory at ``dst``.
+
+    ``exclude`` drops entries by dotted key-path glob (e.g. ``"lightning.callbacks"``). Returns
+    the `Source` that was written (its ``state`` after exclusion). See `read_source` for the rest.
+
+    Example:
+        >>> import torch, trainstate
+        >>> torch.save({"model": {"w": torch.ones(2)}, "epoch": 3}, "/tmp/ts-doc-src.pt")
+        >>> _ = to_trainstate("/tmp/ts-doc-src.pt", "/tmp/ts-doc-converted", overwrite=True)
+        >>> trainstate.load("/tmp/ts-doc-converted")["epoch"]
+        3
+    """
+    target = local_path(dst)
+    if os.path.lexists(target) and not overwrite:
+        raise CheckpointExistsError(f"{target}: already exists (pass overwrite=True, CLI: --force, to replace it)")
+    source = read_source(src, kind=kind, trust_pickle=trust_pickle, native=native, progress=progress)
+    source.state = _drop(source.state, exclude)
+    metadata = {**source.metadata, "source": {"kind": source.kind, "path": source.path, "native": native}}
+    if "wrapped" in metadata:
+        metadata["source"]["wrapped"] = metadata.pop("wrapped")
+    if progress:
+        progress(f"writing {target}")
+    save(target, source.state, metadata=metadata, overwrite=overwrite)
+    return source
+
+
+def to_torch_file(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False, verify: bool = True
+) -> Any:
+    """Write the trainstate checkpoint ``src`` as one ``torch.save`` file at ``dst`` (atomically).
+
+    The file holds what `trainstate.load` returns (plain nested data); a checkpoint converted from a
+    bare tensor or list gets that object back. Returns the saved object.
+
+    Example:
+        >>> import torch, trainstate
+        >>> trainstate.save("/tmp/ts-doc-ckpt", {"w": torch.ones(2), "epoch": 3})
+        >>> to_torch_file("/tmp/ts-doc-ckpt", "/tmp/ts-doc-out.pt", overwrite=True)["epoch"]
+        3
+    """
+    target = local_path(dst)
+    if os.path.lexists(target) and not overwrite:
+        raise CheckpointExistsError(f"{target}: already exists (pass overwrite=True, CLI: --force, to replace it)")
+    with CheckpointReader(*split_path(src)) as reader:
+        metadata = reader.metadata()
+    state = load(src, verify=verify)
+    source = metadata.get("source") if isinstance(metadata, dict) else None
+    wrapped = source.get("wrapped") if isinstance(source, dict) else None
+    obj = state[wrapped] if isinstance(wrapped, str) and wrapped in state else state
+    with atomic_write_file(target) as f:
+        torch.save(obj, f)
+    return obj

@@ -1,0 +1,121 @@
+"""What every converter shares: the `Source` a reader returns, and turning framework containers into plain data."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import logging
+import pathlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainstate.errors import (
+    CorruptCheckpointError,
+)
+from trainstate.format.codec import format_path
+
+__all__ = ["Source", "SOURCE_KINDS", "TORCH_SUFFIXES", "Progress"]
+
+logger = logging.getLogger(__name__)
+
+
+SOURCE_KINDS = ("torch", "lightning", "hf-trainer", "dcp")
+"""What `read_source` understands; ``"trainstate"`` is what `detect_source` says for our own checkpoints."""
+
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+"""File suffixes read with ``torch.load`` (and written by `to_torch_file`)."""
+
+
+Progress = Callable[[str], None]
+
+
+_DCP_METADATA = ".metadata"
+
+
+@dataclass
+class Source:
+    """A foreign checkpoint read into memory: the state to save, its metadata, and what was left out."""
+
+    kind: str
+    path: str
+    state: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _plain(value: Any) -> Any:
+    """Framework containers -> the plain types trainstate stores: dict subclasses and Namespaces become
+    dicts, paths become strings. Tensors are never copied, so tied tensors stay one object."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if type(value) is OrderedDict:
+        out: OrderedDict[Any, Any] = OrderedDict((k, _plain(v)) for k, v in value.items())
+        if hasattr(value, "_metadata"):  # module state dicts: per-module versions for load_state_dict
+            out._metadata = value._metadata  # type: ignore[attr-defined]
+        return out
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, argparse.Namespace):
+        return {k: _plain(v) for k, v in vars(value).items()}
+    if isinstance(value, pathlib.PurePath):
+        return str(value)
+    if type(value) in (list, tuple):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def _drop(value: Any, patterns: Sequence[str], path: tuple[Any, ...] = ()) -> Any:
+    """``value`` without the entries whose dotted key path matches one of ``patterns``."""
+    if not patterns or not isinstance(value, dict):
+        return value
+    out = type(value)() if type(value) is OrderedDict else {}
+    if hasattr(value, "_metadata"):
+        out._metadata = value._metadata  # type: ignore[attr-defined]
+    for key, child in value.items():
+        sub = (*path, key)
+        if not any(fnmatch.fnmatchcase(format_path(sub), p) for p in patterns):
+            out[key] = _drop(child, patterns, sub)
+    return out
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+        return float(value.item())
+    if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _top_level_metadata(state: Mapping[Any, Any]) -> dict[str, Any]:
+    """Step, epoch and float metrics that a plain ``torch.save`` dict holds at its top level."""
+    meta: dict[str, Any] = {}
+    for key in ("step", "global_step", "iteration"):
+        if type(state.get(key)) is int:
+            meta["step"] = state[key]
+            break
+    if type(state.get("epoch")) is int:
+        meta["epoch"] = state["epoch"]
+    metrics = {str(k): v for k, v in state.items() if type(v) is float}
+    if metrics:
+        meta["metrics"] = metrics
+    return meta
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{path}: not valid JSON ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
