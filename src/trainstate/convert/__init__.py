@@ -11,16 +11,25 @@ own metadata classes. Full unpickling, which runs code from the file, needs ``tr
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from trainstate.api import load, save
-from trainstate.convert.common import _DCP_METADATA, SOURCE_KINDS, TORCH_SUFFIXES, Progress, Source, _drop
-from trainstate.convert.dcp import _read_dcp
-from trainstate.convert.hf_trainer import _HF_STATE, _HF_WEIGHTS, _read_hf
-from trainstate.convert.torch_file import _read_file, _read_lightning
+from trainstate.convert.common import (
+    _DCP_METADATA,
+    SOURCE_KINDS,
+    TORCH_SUFFIXES,
+    Progress,
+    ReadOptions,
+    Source,
+    SourceFormat,
+    _drop,
+)
+from trainstate.convert.dcp import DCP
+from trainstate.convert.hf_trainer import _HF_STATE, HF_TRAINER
+from trainstate.convert.torch_file import LIGHTNING, TORCH_FILE
 from trainstate.convert.unpickle import load_torch_file
 from trainstate.errors import CheckpointExistsError, CheckpointNotFoundError, UnsupportedFormatError
 from trainstate.format.manifest import MANIFEST_NAME
@@ -30,7 +39,10 @@ from trainstate.storage import atomic_write_file, local_path, split_path
 __all__ = [
     "SOURCE_KINDS",
     "TORCH_SUFFIXES",
+    "FORMATS",
+    "ReadOptions",
     "Source",
+    "SourceFormat",
     "detect_source",
     "load_torch_file",
     "read_source",
@@ -39,25 +51,24 @@ __all__ = [
 ]
 
 
+FORMATS: dict[str, SourceFormat] = {f.kind: f for f in (DCP, HF_TRAINER, LIGHTNING, TORCH_FILE)}
+"""Every foreign format by kind, in detection order (a new format is one more entry)."""
+
+
 def detect_source(path: str | os.PathLike[str]) -> str:
-    """``"trainstate"``, ``"dcp"``, ``"hf-trainer"`` or ``"torch"`` (a ``.ckpt`` is told apart from a
-    plain ``torch.save`` file only once loaded); raises if the path is none of them."""
+    """``"trainstate"`` or the kind of the first of `FORMATS` whose ``detect`` accepts the path
+    (a ``.ckpt`` is told apart from a plain ``torch.save`` file only once loaded); raises if none does."""
     text = os.fspath(path)
+    if os.path.isfile(os.path.join(text, MANIFEST_NAME)):
+        return "trainstate"
+    for source_format in FORMATS.values():
+        if source_format.detect is not None and source_format.detect(text):
+            return source_format.kind
     if os.path.isdir(text):
-        if os.path.isfile(os.path.join(text, MANIFEST_NAME)):
-            return "trainstate"
-        if os.path.isfile(os.path.join(text, _DCP_METADATA)):
-            return "dcp"
-        if os.path.isfile(os.path.join(text, _HF_STATE)) or any(
-            os.path.isfile(os.path.join(text, f)) for f in _HF_WEIGHTS
-        ):
-            return "hf-trainer"
         raise UnsupportedFormatError(
             f"{text}: not a recognised checkpoint directory (no {MANIFEST_NAME}, DCP {_DCP_METADATA}, "
             f"or Hugging Face {_HF_STATE}/model weights)"
         )
-    if os.path.isfile(text):
-        return "torch"
     raise CheckpointNotFoundError(f"{text}: no such file or directory")
 
 
@@ -84,18 +95,10 @@ def read_source(
     detected = detect_source(text)
     if detected == "trainstate":
         raise UnsupportedFormatError(f"{text}: is already a trainstate checkpoint")
-    if kind is not None and kind not in _READERS:
+    if kind is not None and kind not in FORMATS:
         raise ValueError(f"kind={kind!r}: use one of {', '.join(SOURCE_KINDS)}")
-    reader = _READERS[kind or detected]
-    return reader(text, trust_pickle, native, progress or (lambda _: None), kind is None)
-
-
-_READERS: dict[str, Callable[[str, bool, bool, Progress, bool], Source]] = {
-    "torch": _read_file,
-    "lightning": _read_lightning,
-    "hf-trainer": _read_hf,
-    "dcp": _read_dcp,
-}
+    options = ReadOptions(trust_pickle, native, progress or (lambda _: None), detected=kind is None)
+    return FORMATS[kind or detected].read(text, options)
 
 
 def to_trainstate(

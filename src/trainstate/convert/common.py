@@ -20,7 +20,7 @@ from trainstate.errors import (
 )
 from trainstate.format.codec import format_path
 
-__all__ = ["Source", "SOURCE_KINDS", "TORCH_SUFFIXES", "Progress"]
+__all__ = ["Progress", "ReadOptions", "SOURCE_KINDS", "Source", "SourceFormat", "TORCH_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,27 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a source is read: see `trainstate.convert.read_source`. ``detected`` is whether the kind
+    was detected (a ``.ckpt`` is then read as Lightning) rather than asked for."""
+
+    trust_pickle: bool = False
+    native: bool = False
+    progress: Progress = lambda _: None  # noqa: E731
+    detected: bool = True
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    """One foreign checkpoint format: its name, whether a path looks like it, and how to read it.
+    `detect` only looks at names on disk (cheap, no unpickling); ``None`` means "only when asked"."""
+
+    kind: str
+    detect: Callable[[str], bool] | None
+    read: Callable[[str, ReadOptions], Source]
 
 
 _DCP_METADATA = ".metadata"

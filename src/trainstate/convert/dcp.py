@@ -9,7 +9,14 @@ from typing import IO, Any
 
 import torch
 
-from trainstate.convert.common import _DCP_METADATA, Progress, Source, _plain, _top_level_metadata
+from trainstate.convert.common import (
+    _DCP_METADATA,
+    ReadOptions,
+    Source,
+    SourceFormat,
+    _plain,
+    _top_level_metadata,
+)
 from trainstate.convert.unpickle import _read_dcp_metadata, load_torch_file
 from trainstate.errors import (
     CheckpointNotFoundError,
@@ -18,12 +25,13 @@ from trainstate.errors import (
 )
 from trainstate.storage import check_name
 
-__all__ = []
+__all__ = ["DCP"]
 
 logger = logging.getLogger(__name__)
 
 
-def _read_dcp(path: str, trust_pickle: bool, native: bool, progress: Progress, detected: bool) -> Source:
+def _read_dcp(path: str, options: ReadOptions) -> Source:
+    trust_pickle, progress = options.trust_pickle, options.progress
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
 
     progress(f"reading {_DCP_METADATA}")
@@ -125,3 +133,6 @@ def _fix_optimizer_keys(value: Any) -> None:
     elif isinstance(value, list):
         for child in value:
             _fix_optimizer_keys(child)
+
+
+DCP = SourceFormat("dcp", lambda path: os.path.isfile(os.path.join(path, _DCP_METADATA)), _read_dcp)

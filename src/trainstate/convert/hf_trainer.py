@@ -9,7 +9,16 @@ from typing import Any
 
 import torch
 
-from trainstate.convert.common import Progress, Source, _first_line, _number, _plain, _read_json
+from trainstate.convert.common import (
+    Progress,
+    ReadOptions,
+    Source,
+    SourceFormat,
+    _first_line,
+    _number,
+    _plain,
+    _read_json,
+)
 from trainstate.convert.unpickle import load_torch_file
 from trainstate.errors import (
     CheckpointNotFoundError,
@@ -18,7 +27,7 @@ from trainstate.errors import (
 )
 from trainstate.storage import check_name
 
-__all__ = []
+__all__ = ["HF_TRAINER"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +48,8 @@ _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_mod
 _HF_SKIPPED = {"training_args.bin": "a pickled TrainingArguments object, not training state"}
 
 
-def _read_hf(path: str, trust_pickle: bool, native: bool, progress: Progress, detected: bool) -> Source:
+def _read_hf(path: str, options: ReadOptions) -> Source:
+    trust_pickle, native, progress = options.trust_pickle, options.native, options.progress
     present = set(os.listdir(path))
     state: dict[str, Any] = {}
     skipped: list[str] = []
@@ -141,3 +151,10 @@ def _hf_metadata(trainer_state: Any) -> dict[str, Any]:
     if metrics:
         meta["metrics"] = metrics
     return meta
+
+
+def _is_hf(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in (_HF_STATE, *_HF_WEIGHTS))
+
+
+HF_TRAINER = SourceFormat("hf-trainer", _is_hf, _read_hf)

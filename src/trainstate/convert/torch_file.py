@@ -7,13 +7,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from trainstate.convert.common import Progress, Source, _number, _plain, _top_level_metadata
+from trainstate.convert.common import ReadOptions, Source, SourceFormat, _number, _plain, _top_level_metadata
 from trainstate.convert.unpickle import load_torch_file
 from trainstate.errors import (
     UnsupportedFormatError,
 )
 
-__all__ = []
+__all__ = ["LIGHTNING", "TORCH_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +29,14 @@ def _is_lightning(obj: Any) -> bool:
     )
 
 
-def _read_file(path: str, trust_pickle: bool, native: bool, progress: Progress, detected: bool) -> Source:
+def _read_file(path: str, options: ReadOptions) -> Source:
     """A ``torch.save`` file; a Lightning checkpoint when it looks like one (unless ``--from torch``)."""
+    trust_pickle, native, progress = options.trust_pickle, options.native, options.progress
     if os.path.isdir(path):
         raise UnsupportedFormatError(f"{path}: is a directory; torch.save and Lightning checkpoints are files")
     progress(f"loading {os.path.basename(path)}")
     obj = load_torch_file(path, trust_pickle=trust_pickle)
-    if _is_lightning(obj) and detected:
+    if _is_lightning(obj) and options.detected:
         return _from_lightning(path, _plain(obj), native=native)
     obj = _plain(obj)
     if isinstance(obj, dict):
@@ -44,8 +45,8 @@ def _read_file(path: str, trust_pickle: bool, native: bool, progress: Progress, 
     return Source("torch", path, {"data": obj}, {"wrapped": "data"})
 
 
-def _read_lightning(path: str, trust_pickle: bool, native: bool, progress: Progress, detected: bool) -> Source:
-    source = _read_file(path, trust_pickle, native, progress, True)
+def _read_lightning(path: str, options: ReadOptions) -> Source:
+    source = _read_file(path, ReadOptions(options.trust_pickle, options.native, options.progress, detected=True))
     if source.kind != "lightning":
         raise UnsupportedFormatError(f"{path}: not a Lightning checkpoint (no 'state_dict'/'global_step')")
     return source
@@ -79,3 +80,9 @@ def _from_lightning(path: str, ckpt: dict[str, Any], *, native: bool) -> Source:
             state[several] = list(items)
     state["lightning"] = {k: v for k, v in ckpt.items() if k not in _LIGHTNING_MOVED}
     return Source("lightning", path, state, metadata)
+
+
+TORCH_FILE = SourceFormat("torch", os.path.isfile, _read_file)
+"""Any file is tried as a ``torch.save`` file (the last format detection tries)."""
+LIGHTNING = SourceFormat("lightning", None, _read_lightning)
+"""Told apart from a plain ``torch.save`` file only once loaded, so never detected from the path."""
