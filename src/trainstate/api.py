@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from trainstate.errors import CorruptCheckpointError, StateMismatchError, UnsupportedValueError
-from trainstate.format.codec import TAG, Path, format_path, holds_tensors, is_stateful, unwrap_module
+from trainstate.format.codec import is_stateful, unwrap_module
 from trainstate.format.reader import CheckpointReader, MapLocation, TensorLoader
+from trainstate.format.tree import Path, children, format_path, holds_tensors, matching_leaves, tag, unwrap
 from trainstate.format.writer import DEFAULT_SHARD_BYTES, SavePlan, execute_save, plan_save
 from trainstate.loaders import adapt_for_save, is_stateful_loader, restore_loader
 from trainstate.storage import split_path
@@ -221,15 +222,8 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DistributedDataP
 Rename = Callable[[str], "str | None"]
 
 
-def _flatten(value: Any, path: Path, out: dict[Path, torch.Tensor]) -> None:
-    if isinstance(value, torch.Tensor):
-        out[path] = value
-    elif isinstance(value, Mapping):
-        for k, v in value.items():
-            _flatten(v, (*path, k), out)
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _flatten(v, (*path, i), out)
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
 
 
 def _contains_stateful(value: Any) -> bool:
@@ -265,28 +259,19 @@ class _Restorer:
     def _decode(self, node: Any, path: Path) -> Any:
         return self._reader.decode(node, self._loader, allow_pickle=self._allow_pickle, path=path)
 
-    def _children(self, node: dict[str, Any], path: Path) -> list[tuple[Any, Any]]:
-        if isinstance(node.get("v"), dict):
-            return list(node["v"].items())
-        items = node.get("items")
-        if not isinstance(items, list) or not all(isinstance(p, list) and len(p) == 2 for p in items):
-            raise CorruptCheckpointError(f"{self._reader.where}: {format_path(path)}: malformed dict")
-        return [(self._decode(k, path), v) for k, v in items]
-
     def walk(self, node: Any, target: Any, path: Path) -> Any:
-        tag = node.get(TAG) if isinstance(node, dict) else None
         if is_stateful(target):
-            self._live(node["v"] if tag == "stateful" and "v" in node else node, unwrap_module(target), path)
+            self._live(unwrap(node), unwrap_module(target), path)
             return target
-        if not isinstance(target, Mapping) or tag not in ("dict", "odict"):
+        if not isinstance(target, Mapping) or tag(node) not in ("dict", "odict"):
             return self._decode(node, path)
         result: dict[Any, Any] = {}
-        for key, child in self._children(node, path):
+        for key, child in children(node, self._decode, where=self._reader.where, path=path) or []:
             if key in target:
                 result[key] = self.walk(child, target[key], (*path, key))
                 continue
             tensors = holds_tensors(child)
-            if tensors or (isinstance(child, dict) and child.get(TAG) == "stateful"):
+            if tensors or tag(child) == "stateful":
                 self.unnamed.append(format_path((*path, key)))  # a live object's state, or tensors
             if not tensors:  # plain values live in the manifest: returned, as torch.load would
                 result[key] = self._decode(child, (*path, key))
@@ -304,7 +289,7 @@ class _Restorer:
         if isinstance(target, _IN_PLACE_TYPES):
             # Their load_state_dict copies into (or adopts) these very tensors, so reading the bytes
             # straight into them is the same result without a second copy of the state.
-            _flatten(live_state, path, self._destinations)
+            self._destinations.update(matching_leaves(live_state, _is_tensor, path))
         decoded = self._decode(node, path)
         if isinstance(target, torch.nn.Module):
             decoded = self._check_module(decoded, live_state, path)

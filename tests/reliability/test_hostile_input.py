@@ -258,13 +258,18 @@ def operations(live: bool) -> list[tuple[str, Callable[[Path], Any]]]:
 
 
 def attack(
-    root: Path, *, live: bool = False, tally: Counter[str] | None = None, allow_known: bool = True
+    root: Path,
+    *,
+    live: bool = False,
+    tally: Counter[str] | None = None,
+    allow_known: bool = True,
+    ops: list[tuple[str, Callable[[Path], Any]]] | None = None,
 ) -> dict[str, str]:
     """Run every operation on the checkpoint at ``root`` under the guard; returns op -> outcome
     (``"loaded"`` or the CheckpointError subclass). Anything else fails the test with details."""
     budget = disk_bytes(root)
     outcomes = {}
-    for op, fn in operations(live):
+    for op, fn in operations(live) if ops is None else ops:
         error: BaseException | None = None
         with guarded(root) as guard:
             try:
@@ -444,7 +449,7 @@ def arena(tmp_path_factory: pytest.TempPathFactory) -> Arena:
     for name, blob in pristine.items():
         (arena.outside / name).write_bytes(blob)
     arena.write(dict(pristine))
-    for _, fn in operations(live=True):
+    for _, fn in [*operations(live=True), *cli_operations()]:
         fn(arena.ckpt)
     for bad in (b"", b"{}", seal(b'{"format": "trainstate", "format_version": 1}')):
         arena.write({**pristine, MANIFEST_NAME: bad})
@@ -1003,7 +1008,9 @@ def test_fuzz_safetensors_files(arena: Arena, case: tuple[bytes, Any, str]) -> N
     FUZZ_CASES["safetensors files"] += 1
 
 
-FUZZ_TALLY: dict[str, Counter[str]] = {k: Counter() for k in ("safetensors files", "manifests", "manifest bytes")}
+FUZZ_TALLY: dict[str, Counter[str]] = {
+    k: Counter() for k in ("safetensors files", "manifests", "manifest bytes", "manifests through the CLI")
+}
 FUZZ_CASES: Counter[str] = Counter()
 
 
@@ -1120,6 +1127,48 @@ def build_manifest(fields: dict[str, Any], raw: bool, arena: Arena) -> bytes:
     elif top == "missing tree":
         body.pop("tree")
     return seal(json.dumps(body, indent=1, ensure_ascii=False).encode())
+
+
+def cli_operations() -> list[tuple[str, Callable[[Path], Any]]]:
+    """Every read-only CLI command on one checkpoint, with ``--debug`` so that an error reaches the
+    guard as the exception it is (not only as a red line)."""
+    import typer
+    from click.testing import CliRunner
+    from rich.cells import cell_len
+
+    from trainstate.cli.app import app
+
+    cli = typer.main.get_command(app)  # built here: typer evaluates annotations (compile/exec) to build it
+    cell_len("ü中😀\u0301")  # rich imports its Unicode width tables on the first wide character
+
+    def command(*args: str) -> Callable[[Path], Any]:
+        def run(path: Path) -> None:
+            result = CliRunner().invoke(cli, [*(a.replace("@", str(path)) for a in args), "--debug"])
+            if result.exception is not None and not isinstance(result.exception, SystemExit):
+                raise result.exception
+            assert "internal error" not in result.output
+
+        return run
+
+    return [
+        ("cli ls --verify", command("ls", "@", "--verify", "--json")),
+        ("cli inspect", command("inspect", "@", "--depth", "9")),
+        ("cli inspect --values --json", command("inspect", "@", "--values", "--json")),
+        ("cli verify", command("verify", "@")),
+        ("cli diff", command("diff", "@", "@")),
+    ]
+
+
+@pytest.mark.slow
+@settings(FUZZ, max_examples=600)
+@given(data=st.data())
+def test_fuzz_manifests_through_the_cli(arena: Arena, data: st.DataObject) -> None:
+    """The hostile manifests of `test_fuzz_manifests`, fed to every read-only CLI command: each one
+    prints a result or one CheckpointError line, under the same guard as `trainstate.load`."""
+    fields, raw = data.draw(hostile_manifests(files_of(arena.pristine)))
+    checkpoint = arena.write({**arena.pristine, MANIFEST_NAME: build_manifest(fields, raw, arena)})
+    attack(checkpoint, ops=cli_operations(), tally=FUZZ_TALLY["manifests through the CLI"])
+    FUZZ_CASES["manifests through the CLI"] += 1
 
 
 @pytest.mark.slow

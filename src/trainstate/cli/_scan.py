@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainstate.cli._tree import TensorRef, leaves
+from trainstate.cli._tree import TensorRef, children, leaves
 from trainstate.cli._ui import parse_time
 from trainstate.errors import CheckpointError, CheckpointNotFoundError
 from trainstate.format import MANIFEST_NAME, CheckpointReader, Manifest
@@ -52,9 +52,10 @@ class Entry:
         if "epoch" in self.metadata:
             return self.metadata["epoch"]
         if self.manifest is not None:  # a plain top-level "epoch" of the saved state
-            tree = self.manifest.tree
-            inner = tree.get("v") if isinstance(tree, dict) else None
-            value = inner.get("epoch") if isinstance(inner, dict) else None
+            try:
+                value = dict(children(self.manifest.tree) or []).get("epoch")
+            except (CheckpointError, TypeError):  # a malformed tree is reported by verify, not here
+                return None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return value
         return None

@@ -8,9 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainstate.errors import CorruptCheckpointError
-from trainstate.format.codec import TAG, Decoder, Path, format_path
+from trainstate.format import tree
+from trainstate.format.codec import Decoder
 from trainstate.format.codec import numpy_dtype as parse_numpy_dtype
 from trainstate.format.tensorfile import dtype_from_name, dtype_name
+from trainstate.format.tree import TENSOR_TAGS, Path, format_path
+from trainstate.format.tree import tag as _tag
+from trainstate.format.tree import unwrap as _unwrap
 
 __all__ = [
     "TensorRef",
@@ -26,7 +30,6 @@ __all__ = [
     "stateful_type",
 ]
 
-_TENSOR_TAGS = ("tensor", "ndarray")
 PICKLED = "<pickled value, not loaded>"
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -74,12 +77,8 @@ class TensorRef:
         return f"{self.dtype}{list(self.shape)}"
 
 
-def _tag(node: Any) -> Any:
-    return node.get(TAG) if isinstance(node, dict) else None
-
-
 def is_tensor(node: Any) -> bool:
-    return _tag(node) in _TENSOR_TAGS
+    return _tag(node) in TENSOR_TAGS
 
 
 def stateful_type(node: Any) -> str | None:
@@ -89,29 +88,9 @@ def stateful_type(node: Any) -> str | None:
     return None
 
 
-def _unwrap(node: Any) -> Any:
-    while _tag(node) == "stateful":
-        node = node.get("v")
-    return node
-
-
-def children(node: Any, where: str = "") -> list[tuple[Any, Any]] | None:
+def children(node: Any, where: str = "", path: Path = ()) -> list[tuple[Any, Any]] | None:
     """The ``(key, child)`` pairs of a container node; None for a leaf. Live objects are transparent."""
-    node = _unwrap(node)
-    if isinstance(node, list):
-        return list(enumerate(node))
-    tag = _tag(node)
-    if tag in ("dict", "odict"):
-        if isinstance(node.get("v"), dict):
-            return list(node["v"].items())
-        items = node.get("items")
-        if isinstance(items, list):
-            decoder = Decoder(None, where=where)
-            return [(decoder.decode(pair[0]), pair[1]) for pair in items if isinstance(pair, list) and len(pair) == 2]
-        return []
-    if tag == "tuple" and isinstance(node.get("v"), list):
-        return list(enumerate(node["v"]))
-    return None
+    return tree.children(node, Decoder(None, where=where).decode, where=where, path=path)
 
 
 def _has_structure(node: Any) -> bool:
@@ -129,7 +108,7 @@ def plain(node: Any, path: Path = (), where: str = "") -> Any:
         return TensorRef.of(node, f"{where}: {format_path(path)}")
     tag = _tag(node)
     if tag in ("dict", "odict") or isinstance(node, list) or tag == "tuple":
-        pairs = children(node, where) or []
+        pairs = children(node, where, path) or []
         if tag in ("dict", "odict"):
             return {k: plain(v, (*path, k), where) for k, v in pairs}
         values = [plain(v, (*path, k), where) for k, v in pairs]
@@ -149,7 +128,7 @@ def _is_leaf(node: Any, kids: list[tuple[Any, Any]] | None) -> bool:
 
 def leaves(node: Any, path: Path = (), where: str = "") -> Iterator[tuple[Path, Any]]:
     """Every leaf as ``(path, value)``: tensors as `TensorRef`, other values decoded."""
-    kids = children(node, where)
+    kids = children(node, where, path)
     if _is_leaf(node, kids):
         yield path, plain(node, path, where)
         return
@@ -159,16 +138,7 @@ def leaves(node: Any, path: Path = (), where: str = "") -> Iterator[tuple[Path, 
 
 def find(node: Any, dotted: str, where: str = "") -> tuple[Path, Any]:
     """The subtree at a dotted key path (``"optimizer.param_groups.0"``); raises KeyError."""
-    path: Path = ()
-    if dotted in ("", "<root>"):
-        return path, node
-    for part in dotted.split("."):
-        kids = children(node, where) or []
-        match = next(((k, v) for k, v in kids if str(k) == part), None)
-        if match is None:
-            raise KeyError(format_path((*path, part)))
-        path, node = (*path, match[0]), match[1]
-    return path, node
+    return tree.find(node, dotted, Decoder(None, where=where).decode, where=where)
 
 
 def matches(path: Path, patterns: list[str]) -> bool:

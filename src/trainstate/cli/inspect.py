@@ -271,7 +271,7 @@ def inspect(
         header.add_row("metrics", "  ".join(f"{k}={format_number(v)}" for k, v in metrics.items()))
     other = {k: v for k, v in metadata.items() if k not in ("step", "epoch", "metrics")}
     for key, value in other.items():
-        header.add_row(key, format_value(value, 100))
+        header.add_row(str(key), format_value(value, 100))  # a hostile metadata key may be any value
     total = sum(f.size for f in manifest.files)
     count = sum(r["tensors"] for r in summary)
     files = len(manifest.files)

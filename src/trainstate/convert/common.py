@@ -18,7 +18,7 @@ import torch
 from trainstate.errors import (
     CorruptCheckpointError,
 )
-from trainstate.format.codec import format_path
+from trainstate.format.tree import format_path, rebuild
 
 __all__ = ["Progress", "ReadOptions", "SOURCE_KINDS", "Source", "SourceFormat", "TORCH_SUFFIXES"]
 
@@ -74,21 +74,18 @@ class Source:
 def _plain(value: Any) -> Any:
     """Framework containers -> the plain types trainstate stores: dict subclasses and Namespaces become
     dicts, paths become strings. Tensors are never copied, so tied tensors stay one object."""
+    return rebuild(value, _plain_leaf)
+
+
+def _plain_leaf(value: Any, path: tuple[Any, ...]) -> Any:
     if isinstance(value, torch.Tensor):
         return value
-    if type(value) is OrderedDict:
-        out: OrderedDict[Any, Any] = OrderedDict((k, _plain(v)) for k, v in value.items())
-        if hasattr(value, "_metadata"):  # module state dicts: per-module versions for load_state_dict
-            out._metadata = value._metadata  # type: ignore[attr-defined]
-        return out
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return rebuild(dict(value.items()), _plain_leaf, path)
     if isinstance(value, argparse.Namespace):
-        return {k: _plain(v) for k, v in vars(value).items()}
+        return rebuild(dict(vars(value)), _plain_leaf, path)
     if isinstance(value, pathlib.PurePath):
         return str(value)
-    if type(value) in (list, tuple):
-        return type(value)(_plain(v) for v in value)
     return value
 
 

@@ -25,15 +25,16 @@ from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-def
 
 from trainstate.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, UnsupportedValueError
 from trainstate.format.tensorfile import MAX_NDIM, dtype_from_name, dtype_name
+from trainstate.format.tree import TAG, Path, dict_entries, format_path
 
 __all__ = [
+    "TAG",
     "Codec",
     "Decoder",
     "Encoder",
     "TensorSink",
     "TensorSource",
     "format_path",
-    "holds_tensors",
     "is_plain_str",
     "is_stateful",
     "numpy_dtype",
@@ -41,15 +42,8 @@ __all__ = [
     "unwrap_module",
 ]
 
-TAG = "@"
 MAX_DEPTH = 100
 _SAFE_INT = 2**53
-Path = tuple[Any, ...]
-
-
-def format_path(path: Path) -> str:
-    """``("optimizer", "state", 0, "exp_avg")`` -> ``"optimizer.state.0.exp_avg"``."""
-    return ".".join(str(p) for p in path) if path else "<root>"
 
 
 def is_stateful(value: object) -> bool:
@@ -186,20 +180,6 @@ class Codec:
     decode: Callable[[dict[str, Any], Path, Decoder], Any]
 
 
-def holds_tensors(node: Any) -> bool:
-    """Whether an encoded subtree references tensor data (tensors or numpy arrays)."""
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            if item.get(TAG) in ("tensor", "ndarray"):
-                return True
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
-
-
 def is_plain_str(text: str) -> bool:
     """Whether ``text`` is valid Unicode for JSON (no lone surrogates, as ``os.listdir`` can return)."""
     if text.isascii():
@@ -246,18 +226,11 @@ def _encode_dict(value: dict[Any, Any], path: Path, enc: Encoder) -> dict[str, A
 
 def _decode_dict(node: dict[str, Any], path: Path, dec: Decoder) -> dict[Any, Any]:
     out: dict[Any, Any] = OrderedDict() if node[TAG] == "odict" else {}
-    if "v" in node:
-        if not isinstance(node["v"], dict):
-            raise TypeError("'v' must be an object")
-        for k, v in node["v"].items():
-            out[k] = dec.decode(v, (*path, k))
-    else:
-        for pair in node["items"]:
-            if not isinstance(pair, list) or len(pair) != 2:
-                raise TypeError("items must be [key, value] pairs")
-            k = dec.decode(pair[0], path)
-            hash(k)
-            out[k] = dec.decode(pair[1], (*path, k))
+    keyed = "v" in node  # string keys as they are; else encoded keys, decoded here
+    for key_node, value_node in dict_entries(node, where=dec.where, path=path):
+        k = key_node if keyed else dec.decode(key_node, path)
+        hash(k)
+        out[k] = dec.decode(value_node, (*path, k))
     if "meta" in node and isinstance(out, OrderedDict):
         out._metadata = dec.decode(node["meta"], (*path, "_metadata"))  # type: ignore[attr-defined]
     return out
@@ -479,7 +452,7 @@ _CODECS = [
         "size",
         (torch.Size,),
         lambda v, p, e: {TAG: "size", "v": list(v)},
-        lambda n, p, d: torch.Size([int(x) for x in n["v"]]),
+        lambda n, p, d: _decode_size(n),
     ),
     Codec(
         "dtype",
@@ -494,6 +467,13 @@ _CODECS = [
     Codec("stateful", (), _encode_stateful, lambda n, p, d: d.decode(n["v"], p)),
     Codec("pickle", (), lambda v, p, e: None, _decode_pickle),
 ]
+
+
+def _decode_size(node: dict[str, Any]) -> torch.Size:
+    dims = node["v"]
+    if not isinstance(dims, list) or not all(type(x) is int and -(2**63) <= x < 2**63 for x in dims):
+        raise ValueError("a size is a list of 64-bit integers")  # torch.Size takes more, then cannot print it
+    return torch.Size(dims)
 
 
 def _malformed() -> Any:

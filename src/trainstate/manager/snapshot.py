@@ -7,7 +7,6 @@ copied to host memory: `HostCopy`). Reusable pinned buffers will be another stag
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -16,6 +15,7 @@ import torch
 
 from trainstate.format.codec import is_stateful, qualified_type, unwrap_module
 from trainstate.format.tensorfile import alias_key
+from trainstate.format.tree import rebuild
 
 __all__ = ["Captured", "Direct", "HostCopy", "Stager", "capture"]
 
@@ -52,24 +52,17 @@ def capture(state: Mapping[str, Any]) -> dict[str, Any]:
             copies[key] = (tensor, clone)
         return copies[key][1]
 
-    def walk(value: Any) -> Any:
+    def leaf(value: Any, path: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return copy_tensor(value)
-        if type(value) in (dict, OrderedDict):
-            out = type(value)((k, walk(v)) for k, v in value.items())
-            if hasattr(value, "_metadata"):
-                out._metadata = value._metadata  # type: ignore[attr-defined]
-            return out
         if isinstance(value, np.ndarray):
             return value.copy()
-        if type(value) in (list, tuple):
-            return type(value)(walk(v) for v in value)
         if is_stateful(value):
             value = unwrap_module(value)
-            return Captured(qualified_type(value), walk(value.state_dict()))
+            return Captured(qualified_type(value), rebuild(value.state_dict(), leaf, path))
         return value  # plain values are immutable or refused by the codec later, as in a sync save
 
-    return walk(dict(state))
+    return rebuild(dict(state), leaf)
 
 
 class Stager(Protocol):
