@@ -7,9 +7,7 @@ import os
 import resource
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
@@ -17,10 +15,10 @@ import torch
 from trainstate.errors import CheckpointNotFoundError, CorruptCheckpointError
 from trainstate.format.codec import Decoder, Path, format_path
 from trainstate.format.hashing import new_hasher
+from trainstate.format.load_plan import LoadPlan, ReadItem, execute_load
 from trainstate.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest
 from trainstate.format.tensorfile import (
     HeaderEntry,
-    byte_view,
     dtype_from_name,
     read_exact_into,
     read_header,
@@ -37,7 +35,6 @@ MapLocation = Union[None, str, torch.device, dict[str, str], Callable[[Any, str]
 Destinations = Callable[[Path], "torch.Tensor | None"]
 Progress = Callable[[int], None]
 _CHUNK = 16 << 20
-_MAX_READERS = 4
 
 
 class CheckpointReader:
@@ -200,15 +197,6 @@ def _hash_stream(f: ReadableFile, entry: FileEntry, where: str, progress: Progre
         raise CorruptCheckpointError(f"{where}: content hash mismatch (the file is damaged or was modified)")
 
 
-@dataclass
-class _Job:
-    entry: HeaderEntry
-    target: torch.Tensor  # CPU, contiguous: the bytes are read straight into it
-    in_place: bool
-    finals: list[torch.Tensor] = field(default_factory=list)  # device copies filled after the read
-    wrappers: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)  # Parameters etc. handed out
-
-
 def _wrap(tensor: torch.Tensor, param: bool, requires_grad: bool) -> torch.Tensor:
     if param:
         return torch.nn.Parameter(tensor, requires_grad=requires_grad)
@@ -216,7 +204,9 @@ def _wrap(tensor: torch.Tensor, param: bool, requires_grad: bool) -> torch.Tenso
 
 
 class TensorLoader:
-    """Tensor source for decoding: allocates each referenced tensor, then `fill` reads them all.
+    """The load planner: as the tree is decoded, each referenced tensor is checked against its file
+    header and becomes a `ReadItem` of ``plan`` (its destination allocated, not yet filled); `fill`
+    executes the plan.
 
     ``destinations`` may offer an existing tensor (a live parameter) for a path; if its dtype,
     shape and layout fit, bytes go straight into it and no second copy of the state is held. Such
@@ -236,7 +226,8 @@ class TensorLoader:
         self._verify = verify
         self._destinations = destinations
         self._headers: dict[str, dict[str, HeaderEntry]] = {}
-        self._jobs: dict[str, dict[str, _Job]] = {}
+        self.plan = LoadPlan()
+        self._wrappers: dict[tuple[Any, ...], torch.Tensor] = {}  # Parameters etc. handed out, one per tensor
         self._used_destinations: set[int] = set()
         self._warned_devices: set[str] = set()
 
@@ -275,26 +266,24 @@ class TensorLoader:
                 f"{file_where}: {where}: stored as {stored.st_dtype}{list(stored.shape)}, "
                 f"manifest says {dtype}{list(shape)}"
             )
-        jobs = self._jobs.setdefault(entry.name, {})
-        job = jobs.get(key)
-        if job is None:
-            job = jobs[key] = self._new_job(stored, dtype, shape, path)
-        tensor = job.target
+        item = self.plan.item(entry.name, key)
+        if item is None:
+            item = self.plan.add(self._new_item(entry.name, key, stored, dtype, shape, path))
+        tensor = item.target
         if device is not None and device != tensor.device:
-            tensor = next((t for t in job.finals if t.device == device), None) or torch.empty(
-                shape, dtype=dtype, device=device
-            )
-            if all(t is not tensor for t in job.finals):
-                job.finals.append(tensor)
+            tensor = item.final_on(device)
         if not (param or requires_grad):
             return tensor
         # One object per saved tensor: the same Parameter saved twice comes back as one Parameter.
-        wrapper = job.wrappers.get((tensor.device, param, requires_grad))
+        wrapper_key = (entry.name, key, tensor.device, param, requires_grad)
+        wrapper = self._wrappers.get(wrapper_key)
         if wrapper is None:
-            wrapper = job.wrappers[(tensor.device, param, requires_grad)] = _wrap(tensor, param, requires_grad)
+            wrapper = self._wrappers[wrapper_key] = _wrap(tensor, param, requires_grad)
         return wrapper
 
-    def _new_job(self, stored: HeaderEntry, dtype: torch.dtype, shape: tuple[int, ...], path: Path) -> _Job:
+    def _new_item(
+        self, file: str, key: str, stored: HeaderEntry, dtype: torch.dtype, shape: tuple[int, ...], path: Path
+    ) -> ReadItem:
         dest = self._destinations(path) if self._destinations else None
         if (
             isinstance(dest, torch.Tensor)
@@ -307,8 +296,8 @@ class TensorLoader:
             and not dest.is_neg()
         ):
             self._used_destinations.add(id(dest))
-            return _Job(stored, dest.detach(), in_place=True)
-        return _Job(stored, torch.empty(shape, dtype=dtype), in_place=False)
+            return ReadItem(file, key, stored.start, stored.end, dest.detach(), in_place=True)
+        return ReadItem(file, key, stored.start, stored.end, torch.empty(shape, dtype=dtype), in_place=False)
 
     def _device_for(self, saved: object, *, where: str) -> torch.device | None:
         """Where a tensor saved on ``saved`` goes; None keeps the CPU copy."""
@@ -341,57 +330,5 @@ class TensorLoader:
         return None
 
     def fill(self) -> None:
-        """Read (and verify) every allocated tensor. Raises CorruptCheckpointError on any mismatch.
-
-        When bytes go straight into live tensors, every file is verified before the first byte lands
-        in one, so a damaged checkpoint never leaves a live object half-restored. Files holding only
-        freshly allocated tensors are hashed while they are read (one pass); files with live targets
-        are hashed first and read after everything else verified (two passes, from the page cache).
-        """
-        names = [e.name for e in self._reader.manifest.files if e.name in self._jobs]  # only what is needed
-        if not self._verify:
-            self._each(names, lambda name: self._fill_file(name, verify=False))
-            return
-        live = [n for n in names if any(job.in_place for job in self._jobs.get(n, {}).values())]
-        fresh = [n for n in names if n not in live]
-        self._each(live, lambda name: self._reader.verify_file(self._reader.file(name, where="file list")))
-        self._each(fresh, lambda name: self._fill_file(name, verify=True))
-        self._each(live, lambda name: self._fill_file(name, verify=False))
-
-    @staticmethod
-    def _each(names: list[str], work: Callable[[str], object]) -> None:
-        if len(names) <= 1:
-            for name in names:
-                work(name)
-            return
-        with ThreadPoolExecutor(max_workers=min(_MAX_READERS, len(names))) as pool:
-            for future in [pool.submit(work, n) for n in names]:
-                future.result()
-
-    def _fill_file(self, name: str, *, verify: bool) -> None:
-        entry = self._reader.file(name, where="file list")
-        jobs = sorted(self._jobs.get(name, {}).values(), key=lambda j: j.entry.start)
-        where = os.path.join(self._reader.where, name)
-        covered = sum(j.entry.end - j.entry.start for j in jobs)
-        header_len = jobs[0].entry.start if jobs else 0
-        stream_hash = verify and jobs and header_len + covered == entry.size
-        hasher = new_hasher() if stream_hash else None
-        with self._reader.opened(entry) as f:
-            if verify and not stream_hash:
-                _hash_stream(f, entry, where)
-                f.seek(0)
-            if hasher is not None:
-                head = bytearray(header_len)
-                read_exact_into(f, memoryview(head), where=where)
-                hasher.update(head)
-            for job in jobs:
-                f.seek(job.entry.start)
-                view = byte_view(job.target)
-                read_exact_into(f, view, where=where)
-                if hasher is not None:
-                    hasher.update(view)
-        if hasher is not None and hasher.hexdigest() != entry.hash:
-            raise CorruptCheckpointError(f"{where}: content hash mismatch (the file is damaged or was modified)")
-        for job in jobs:
-            for final in job.finals:
-                final.copy_(job.target)
+        """Execute the plan: read (and verify) every allocated tensor (see `execute_load`)."""
+        execute_load(self.plan, self._reader, verify=self._verify)
