@@ -15,6 +15,7 @@ import torch
 
 from trainstate._version import __version__
 from trainstate.errors import CheckpointError, CheckpointWriteError, UnsupportedValueError
+from trainstate.format import tree
 from trainstate.format.codec import TAG, Encoder, Path, format_path, is_plain_str
 from trainstate.format.hashing import new_hasher
 from trainstate.format.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest
@@ -198,20 +199,11 @@ def _oversized(size: int, tree: Any, prefix: str) -> str:
 
 
 def _children(node: Any) -> list[tuple[Any, Any]]:
-    if isinstance(node, list):
-        return list(enumerate(node))
-    if not isinstance(node, dict):
+    """Children for the size report; keys stay as encoded (only their size matters here)."""
+    try:
+        return tree.children(node, lambda key, path: key if isinstance(key, (int, str)) else repr(key)) or []
+    except CheckpointError:
         return []
-    if node.get(TAG) == "stateful":
-        return _children(node["v"])
-    if isinstance(node.get("v"), dict):
-        return list(node["v"].items())
-    if isinstance(node.get("v"), list):
-        return list(enumerate(node["v"]))
-    if isinstance(node.get("items"), list):
-        pairs = [p for p in node["items"] if isinstance(p, list) and len(p) == 2]
-        return [(p[0] if isinstance(p[0], (int, str)) else i, p[1]) for i, p in enumerate(pairs)]
-    return []
 
 
 def _write_shards(pending: PendingCheckpoint, shards: list[list[tuple[str, torch.Tensor]]]) -> list[FileEntry]:
