@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from trainstate.distributed import active_world
 from trainstate.errors import CorruptCheckpointError, StateMismatchError, UnsupportedValueError
 from trainstate.format.codec import is_stateful, unwrap_module
 from trainstate.format.reader import CheckpointReader, MapLocation, TensorLoader
@@ -18,7 +19,7 @@ from trainstate.format.writer import DEFAULT_SHARD_BYTES, SavePlan, execute_save
 from trainstate.loaders import adapt_for_save, is_stateful_loader, restore_loader
 from trainstate.storage import split_path
 
-__all__ = ["Peek", "load", "peek", "plan_state", "restore", "save"]
+__all__ = ["Peek", "load", "peek", "plan_state", "restore", "save", "tensor_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +56,18 @@ def save(
         3
     """
     storage, name = split_path(path)
+    world = active_world()
     # No directory lock: the commit is atomic by itself, so this works beside a CheckpointManager
     # saving into the same directory (``save(run_dir / "best", ...)``).
-    storage.cleanup()
+    if world is None or world[0] == 0:
+        storage.cleanup()
+    if world is not None:  # collective: every rank saves its share, the coordinator commits
+        from trainstate.distributed.sharded import save_sharded
+
+        save_sharded(
+            storage, name, adapt_for_save(state), metadata=metadata, overwrite=overwrite, allow_pickle=allow_pickle
+        )
+        return
     plan = plan_state(
         state, metadata=metadata, allow_pickle=allow_pickle, shard_bytes=shard_bytes, where=storage.where(name)
     )
@@ -176,10 +186,31 @@ def peek(path: str | os.PathLike[str]) -> Peek:
         return peek_reader(reader)
 
 
+def tensor_source(
+    reader: CheckpointReader,
+    *,
+    map_location: MapLocation = None,
+    verify: bool = True,
+    destinations: Callable[[Path], torch.Tensor | None] | None = None,
+) -> tuple[Any, Any, Any]:
+    """``(tree, loader, sharded view)`` for decoding ``reader``'s tree: a `TensorLoader`, or for a
+    distributed checkpoint a DCP-backed loader over this rank's view of the tree."""
+    if reader.manifest.sharded is None:
+        loader: Any = TensorLoader(reader, map_location=map_location, verify=verify, destinations=destinations)
+        return reader.manifest.tree, loader, None
+    from trainstate.distributed.sharded import ShardedLoader, view_for_rank
+
+    tree, saved_rank, lost = view_for_rank(reader)
+    loader = ShardedLoader(
+        reader, saved_rank=saved_rank, verify=verify, map_location=map_location, destinations=destinations
+    )
+    return tree, loader, lost
+
+
 def peek_reader(reader: CheckpointReader) -> Peek:
     """`peek` at an opened checkpoint."""
-    loader = TensorLoader(reader, map_location="meta", verify=False)
-    state = reader.decode(reader.manifest.tree, loader)
+    tree, loader, _ = tensor_source(reader, map_location="meta", verify=False)
+    state = reader.decode(tree, loader)
     if not isinstance(state, dict):
         raise CorruptCheckpointError(f"{reader.where}: the saved state is a {type(state).__name__}, not a mapping")
     metadata = reader.metadata()
@@ -202,12 +233,21 @@ def restore(
     """`load` from an opened checkpoint; ``on_unnamed`` gets the saved live objects and tensors that
     ``state`` does not name (not restored; tensors among them not even read)."""
     destinations: dict[Path, torch.Tensor] = {}
-    loader = TensorLoader(reader, map_location=map_location, verify=verify, destinations=destinations.get)
-    restorer = _Restorer(reader, loader, destinations, strict=strict, allow_pickle=allow_pickle, rename=rename)
+    tree, loader, lost = tensor_source(reader, map_location=map_location, verify=verify, destinations=destinations.get)
+    live: Any = None
+    if lost is not None and state is not None:  # a sharded checkpoint: modules and optimizers through DCP
+        from trainstate.distributed.sharded import SharedLive, refuse_lost
+
+        skipped = refuse_lost(lost, state, reader, strict=strict)
+        state = {k: v for k, v in state.items() if k not in skipped}
+        live = SharedLive(state, strict=strict)
+    restorer = _Restorer(
+        reader, loader, destinations, strict=strict, allow_pickle=allow_pickle, rename=rename, live=live
+    )
     if state is None:
-        result = reader.decode(reader.manifest.tree, loader, allow_pickle=allow_pickle)
+        result = reader.decode(tree, loader, allow_pickle=allow_pickle)
     else:
-        result = restorer.walk(reader.manifest.tree, state, ())
+        result = restorer.walk(tree, state, ())
     if not isinstance(result, dict):
         raise CorruptCheckpointError(f"{reader.where}: the saved state is a {type(result).__name__}, not a mapping")
     loader.fill()
@@ -246,9 +286,11 @@ class _Restorer:
         strict: bool,
         allow_pickle: bool,
         rename: Rename | None = None,
+        live: Any = None,
     ) -> None:
         self._reader = reader
         self._rename = rename
+        self._live_adapter = live  # SharedLive for a sharded checkpoint: DCP's state-dict API
         self._loader = loader
         self._destinations = destinations
         self._strict = strict
@@ -285,7 +327,7 @@ class _Restorer:
         return result
 
     def _live(self, node: Any, target: Any, path: Path) -> None:
-        live_state = target.state_dict()
+        live_state = self._live_adapter.state_of(target) if self._live_adapter else target.state_dict()
         if isinstance(target, _IN_PLACE_TYPES):
             # Their load_state_dict copies into (or adopts) these very tensors, so reading the bytes
             # straight into them is the same result without a second copy of the state.
@@ -379,7 +421,9 @@ class _Restorer:
         pending = sorted(self._pending, key=lambda item: not isinstance(item[0], _IN_PLACE_TYPES))
         for done, (target, decoded, path) in enumerate(pending):
             try:
-                if isinstance(target, torch.nn.Module):
+                if self._live_adapter is not None and self._live_adapter.load_into(target, decoded):
+                    pass
+                elif isinstance(target, torch.nn.Module):
                     target.load_state_dict(decoded, strict=self._strict)
                 elif is_stateful_loader(target):
                     restore_loader(target, decoded)

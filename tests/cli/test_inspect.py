@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import trainstate
-from trainstate.format import FORMAT_VERSION
+from trainstate.format.manifest import SINGLE_PROCESS_VERSION
 
 MODEL = {"0.weight": [8, 4], "0.bias": [8], "2.weight": [2, 8], "2.bias": [2]}
 
@@ -20,7 +20,7 @@ def test_json_summary(cli, run_dir):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["path"] == str(run_dir / "step_00000300")
-    assert report["format_version"] == FORMAT_VERSION
+    assert report["format_version"] == SINGLE_PROCESS_VERSION
     assert report["torch_version"] == torch.__version__
     assert report["metadata"] == {"step": 300, "metrics": {"loss": 0.2, "acc": 0.7}}
     summary = {row["key"]: row for row in report["summary"]}

@@ -191,6 +191,10 @@ def verify_entry(reader: CheckpointReader, advance: Callable[[int], None] = lamb
         except CheckpointError as exc:
             problems.append(str(exc))
             advance(entry.size)
+    if reader.manifest.sharded is not None:  # tensors are chunks, listed in the sharded section
+        from trainstate.distributed.dcp_io import chunk_problems
+
+        return problems + chunk_problems(reader, headers)
     listed = {e.name for e in reader.manifest.files}
     try:
         for path, value in leaves(reader.manifest.tree, where=reader.where):

@@ -11,10 +11,11 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from trainstate.api import tensor_source
 from trainstate.cli._scan import open_checkpoint
 from trainstate.cli._tree import TensorRef, leaves, matches
 from trainstate.cli._ui import UI, Debug, Filters, Json, Quiet, command, format_number, format_value
-from trainstate.format import CheckpointReader, TensorLoader
+from trainstate.format import CheckpointReader
 from trainstate.format.codec import Path, format_path
 
 HELP = "Compare two checkpoints: changed tensors (max |Δ|, relative L2), added/removed/reshaped keys, values, metrics."
@@ -78,7 +79,7 @@ def _batches(
 
 
 def _read(reader: CheckpointReader, refs: dict[Path, TensorRef]) -> dict[Path, Any]:
-    loader = TensorLoader(reader, map_location="cpu", verify=False)
+    _, loader, _ = tensor_source(reader, map_location="cpu", verify=False)
     values = {path: reader.decode(ref.node, loader, path=path) for path, ref in refs.items()}
     loader.fill()
     return {p: torch.from_numpy(v) if not isinstance(v, torch.Tensor) else v for p, v in values.items()}

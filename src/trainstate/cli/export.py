@@ -9,11 +9,12 @@ from typing import Annotated, Any
 import torch
 import typer
 
+from trainstate.api import tensor_source
 from trainstate.cli._scan import open_checkpoint
 from trainstate.cli._tree import TensorRef, category, children, find, is_tensor, leaves
 from trainstate.cli._ui import UI, Debug, Json, Quiet, command, fail, format_bytes, usage_error
 from trainstate.convert import TORCH_SUFFIXES
-from trainstate.format import CheckpointReader, TensorLoader
+from trainstate.format import CheckpointReader
 from trainstate.format.codec import Path, format_path
 from trainstate.storage import atomic_write_file, local_path
 
@@ -86,7 +87,7 @@ def _remap(keys: list[str], strip: str | None, prefix: str | None, ui: UI) -> li
 
 
 def _load(reader: CheckpointReader, refs: dict[Path, TensorRef], verify: bool) -> dict[Path, torch.Tensor]:
-    loader = TensorLoader(reader, map_location="cpu", verify=verify)
+    _, loader, _ = tensor_source(reader, map_location="cpu", verify=verify)
     decoded = {path: reader.decode(ref.node, loader, path=path) for path, ref in refs.items()}
     loader.fill()
     return {p: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for p, v in decoded.items()}

@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from trainstate.api import tensor_source
 from trainstate.cli._scan import open_checkpoint
 from trainstate.cli._tree import (
     TensorRef,
@@ -35,7 +36,7 @@ from trainstate.cli._ui import (
     format_value,
     parse_time,
 )
-from trainstate.format import CheckpointReader, TensorLoader
+from trainstate.format import CheckpointReader
 from trainstate.format.codec import Path, format_path
 
 HELP = "Show what a checkpoint holds: tree, dtypes, shapes, sizes, optimizer settings, step and metrics."
@@ -124,7 +125,7 @@ def _small_values(reader: CheckpointReader, refs: dict[Path, TensorRef], limit: 
     wanted = {path: ref for path, ref in refs.items() if ref.numel <= limit}
     if not wanted:
         return {}
-    loader = TensorLoader(reader, map_location="cpu", verify=False)  # just these byte ranges
+    _, loader, _ = tensor_source(reader, map_location="cpu", verify=False)  # just these byte ranges
     decoded = {path: reader.decode(ref.node, loader, path=path) for path, ref in wanted.items()}
     loader.fill()
     return decoded

@@ -16,12 +16,23 @@ from trainstate.errors import CorruptCheckpointError, UnsupportedFormatError
 from trainstate.format.hashing import HASH_ALGORITHM, new_hasher
 from trainstate.storage.base import MANIFEST_NAME, check_name
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "FileEntry", "Manifest"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "SINGLE_PROCESS_VERSION",
+    "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
+    "FileEntry",
+    "Manifest",
+]
 
 FORMAT_NAME = "trainstate"
-FORMAT_VERSION = 2
-"""Version 2: compact JSON; tensor references omit their key when it is their path, and a CPU device.
-Version 1 checkpoints load unchanged."""
+FORMAT_VERSION = 3
+"""The newest version this trainstate reads and writes. Version 3: a distributed (sharded) checkpoint,
+whose ``sharded`` section lists each tensor's chunks. Version 2 (what a single process writes):
+compact JSON; tensor references omit their key when it is their path, and a CPU device. Version 1
+checkpoints load unchanged."""
+SINGLE_PROCESS_VERSION = 2
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 _TRAILER = re.compile(rb',\n "checksum": "([0-9a-f]{32})"\n}\n\Z')
 _TRAILER_LEN = len(b',\n "checksum": ""\n}\n') + 32
@@ -53,7 +64,8 @@ class Manifest:
     created: str = ""
     trainstate_version: str = ""
     torch_version: str = ""
-    format_version: int = FORMAT_VERSION
+    format_version: int = SINGLE_PROCESS_VERSION
+    sharded: Any = None  # format 3: {"world_size", "tensors": {key: {dtype, shape, chunks}}, "per_rank"}
 
     def to_json(self) -> bytes:
         """Serialize, ending with the checksum trailer."""
@@ -69,6 +81,8 @@ class Manifest:
             "files": [{"name": f.name, "size": f.size, "hash": f.hash} for f in self.files],
             "tree": self.tree,
         }
+        if self.sharded is not None:
+            body["sharded"] = self.sharded
         # Compact: indentation alone made a large model's manifest several times bigger.
         text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
         assert text.endswith(b"}")
@@ -114,6 +128,9 @@ class Manifest:
         if len({e.name for e in entries}) != len(entries) or MANIFEST_NAME in {e.name for e in entries}:
             raise CorruptCheckpointError(f"{where}: file names in the manifest are not unique")
         environment = body.get("environment")
+        sharded = body.get("sharded")
+        if sharded is not None and (version < 3 or not isinstance(sharded, dict)):
+            raise CorruptCheckpointError(f'{where}: "sharded" must be an object, and only in format version 3')
         return cls(
             tree=body.get("tree"),
             files=tuple(entries),
@@ -123,4 +140,5 @@ class Manifest:
             trainstate_version=str(body.get("trainstate_version", "")),
             torch_version=str(body.get("torch_version", "")),
             format_version=version,
+            sharded=sharded,
         )

@@ -20,6 +20,7 @@ from typing import Any
 
 from trainstate.api import Peek, Rename, peek_reader, plan_state
 from trainstate.api import restore as restore_checkpoint
+from trainstate.distributed import active_world
 from trainstate.errors import (
     CheckpointError,
     CheckpointLockedError,
@@ -167,6 +168,11 @@ class CheckpointManager:
     ) -> None:
         _check_options(keep_last, keep_best, monitor, mode, keep_every, every_n_steps, every_n_seconds, early_stopping)
         # A ValueError for a scheme this trainstate cannot write; a Storage object is used as it is.
+        if active_world() is not None:
+            raise NotImplementedError(
+                "CheckpointManager does not coordinate ranks yet (each rank would write its own checkpoints); "
+                "under torchrun, call trainstate.save / trainstate.load on every rank instead"
+            )
         self._storage = directory if isinstance(directory, Storage) else open_storage(directory)
         self.directory = self._storage.root
         if os.path.lexists(self.directory) and not os.path.isdir(self.directory):

@@ -90,7 +90,13 @@ def check_checkpoint_name(name: str, *, where: str) -> str:
 
 class PendingCheckpoint(ABC):
     """A storage transaction: one checkpoint being written. Files go in with `write` (or `link`),
-    then `commit` writes the manifest last and publishes all or nothing; `abort` discards it."""
+    then `commit` writes the manifest last and publishes all or nothing; `abort` discards it.
+
+    A distributed save has one transaction: the coordinator `begin`s it and shares its
+    `transaction_id`; every other rank `Storage.join`s it, writes its own files, and leaves the
+    commit (and any abort) to the coordinator."""
+
+    transaction_id: str = ""
 
     @abstractmethod
     def write(self, filename: str, chunks: Iterable[Buffer]) -> int:
@@ -130,6 +136,12 @@ class Storage(ABC):
         exists under ``name`` (a directory of other files, a plain file) is never replaced:
         CheckpointExistsError, at begin and again at commit. Raises ValueError for a name that
         `check_checkpoint_name` refuses."""
+
+    def join(self, name: str, transaction_id: str) -> PendingCheckpoint:
+        """Take part in the transaction ``transaction_id`` that another process began for ``name``:
+        the result writes files into it; its `commit` raises and its `abort` discards only its own
+        files. Raises CheckpointWriteError if the transaction is not visible here (no shared storage)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support distributed saves")
 
     @abstractmethod
     def open(self, name: str, filename: str) -> ReadableFile:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -218,12 +219,72 @@ def _kind(mode: int) -> str:
     return "symlink" if stat.S_ISLNK(mode) else "file" if stat.S_ISREG(mode) else "special file"
 
 
+def _write_file(tmp: str, final: str, filename: str, chunks: Iterable[Buffer]) -> int:
+    """Write one new file of a transaction and fsync it; errors name the file's final path."""
+    path = os.path.join(tmp, check_name(filename, where=final))
+    step = "opening"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            size = 0
+            step = "writing"
+            for chunk in chunks:
+                view = memoryview(chunk).cast("B")
+                while view:
+                    written = os.write(fd, view)
+                    size += written
+                    view = view[written:]
+            step = "fsync"
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _write_error(step, os.path.join(final, filename), exc) from exc
+    return size
+
+
+class _LocalParticipant(PendingCheckpoint):
+    """A non-coordinator rank's share of a transaction: files into the coordinator's temporary
+    directory (which the coordinator flocks, commits and, on failure, removes)."""
+
+    def __init__(self, storage: LocalStorage, name: str, transaction_id: str) -> None:
+        self._final = os.path.join(storage.root, name)
+        if not transaction_id.startswith(TEMP_PREFIX) or "/" in transaction_id:
+            raise ValueError(f"{self._final}: {transaction_id!r} is not a transaction of this storage")
+        self.transaction_id = transaction_id
+        self._tmp = os.path.join(storage.root, transaction_id)
+        self._written: list[str] = []
+        if not os.path.isdir(self._tmp):
+            raise CheckpointWriteError(
+                f"{self._final}: the coordinator's save in progress ({self._tmp}) is not visible from this "
+                "process; a distributed save needs a directory shared by every rank"
+            )
+
+    def write(self, filename: str, chunks: Iterable[Buffer]) -> int:
+        size = _write_file(self._tmp, self._final, filename, chunks)
+        self._written.append(filename)
+        return size
+
+    def link(self, filename: str, source: str) -> int:
+        raise NotImplementedError("linking is done by the coordinator")
+
+    def commit(self, manifest: bytes) -> None:
+        raise CheckpointWriteError(f"{self._final}: only the coordinator commits a distributed save")
+
+    def abort(self) -> None:
+        for filename in self._written:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self._tmp, filename))
+        self._written.clear()
+
+
 class _LocalPending(PendingCheckpoint):
     def __init__(self, storage: LocalStorage, name: str, overwrite: bool) -> None:
         self._storage = storage
         self._final = os.path.join(storage.root, name)
         self._overwrite = overwrite
         self._tmp = os.path.join(storage.root, _temp_name("", name))
+        self.transaction_id = os.path.basename(self._tmp)
         _ACTIVE_TEMPS.add(self._tmp)
         try:
             os.mkdir(self._tmp)
@@ -243,26 +304,7 @@ class _LocalPending(PendingCheckpoint):
         _ACTIVE_TEMPS.discard(self._tmp)
 
     def write(self, filename: str, chunks: Iterable[Buffer]) -> int:
-        path = os.path.join(self._tmp, check_name(filename, where=self._final))
-        step = "opening"
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            try:
-                size = 0
-                step = "writing"
-                for chunk in chunks:
-                    view = memoryview(chunk).cast("B")
-                    while view:
-                        written = os.write(fd, view)
-                        size += written
-                        view = view[written:]
-                step = "fsync"
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise _write_error(step, os.path.join(self._final, filename), exc) from exc
-        return size
+        return _write_file(self._tmp, self._final, filename, chunks)
 
     def link(self, filename: str, source: str) -> int:
         origin = self._storage._path(source, filename)
@@ -361,6 +403,10 @@ class LocalStorage(Storage):
         if not overwrite and os.path.lexists(final):
             raise CheckpointExistsError(f"{final}: already exists (pass overwrite=True to replace it)")
         return _LocalPending(self, name, overwrite)
+
+    def join(self, name: str, transaction_id: str) -> PendingCheckpoint:
+        self._path(name)
+        return _LocalParticipant(self, name, transaction_id)
 
     def open(self, name: str, filename: str) -> ReadableFile:
         path = self._path(name, filename)
