@@ -156,3 +156,19 @@ def test_crafted_numpy_dtype_is_a_clear_error(cli, tmp_path, crafted):
         result = cli(*args)
         assert result.exit_code == 1, result.stdout
         assert "invalid numpy dtype" in result.stderr and "internal error" not in result.stderr
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("mode", [["--values"], ["--json", "--values"]], ids=["table", "json"])
+def test_every_golden_checkpoint_prints(version, mode):
+    """Found by the hostile campaign: a 6,000-digit int (Python refuses to print it in decimal) and a
+    key with a lone surrogate (a strict UTF-8 stdout refuses it) crashed inspect; both now print."""
+    from typer.testing import CliRunner
+
+    from trainstate.cli.app import app
+
+    result = CliRunner().invoke(app, ["inspect", str(Path(__file__).parent.parent / "fixtures" / f"v{version}"), *mode])
+    assert result.exit_code == 0, result.output
+    if version >= 2:
+        assert "surrogate \\udcff" in result.stdout or "surrogate \\\\udcff" in result.stdout
+        assert "-0x" in result.stdout  # the huge negative int, in hexadecimal

@@ -6,6 +6,7 @@ import base64
 import datetime as _dt
 import enum
 import functools
+import io
 import json
 import math
 import os
@@ -105,12 +106,25 @@ def _error_console() -> Console:
     return Console(file=sys.stderr, highlight=False, markup=False, emoji=False, soft_wrap=True)
 
 
+def _tolerant_output() -> None:
+    """Checkpoint keys may hold lone surrogates (names from ``os.listdir``); print them escaped
+    instead of failing with UnicodeEncodeError on a strict UTF-8 terminal or pipe."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if callable(reconfigure):
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError, io.UnsupportedOperation):
+                pass
+
+
 def command(fn: F) -> F:
     """Wrap a command: expected errors become one red line on stderr and exit code 1 (``--debug``
     re-raises them with the traceback); usage errors keep click's exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _tolerant_output()
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, _ClickException):
@@ -236,18 +250,25 @@ def format_value(value: Any, width: int = 60) -> str:
         text = f"[{inner}]" if isinstance(value, list) else f"({inner}{',' * (len(value) == 1)})"
     elif isinstance(value, bytes):
         text = f"<{len(value)} bytes>"
+    elif isinstance(value, int) and _huge(value):
+        text = hex(value)
     else:
         text = repr(value)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _huge(value: int) -> bool:
+    """Whether Python refuses to print ``value`` in decimal (over 4,300 digits)."""
+    return abs(value).bit_length() > 14_000
+
+
 def jsonable(value: Any) -> Any:
     """Anything a checkpoint holds -> JSON: non-finite floats as strings, tuples as lists, tensors
-    and numpy values as lists, bytes as base64, other objects by their ``str``."""
+    and numpy values as lists, bytes as base64, ints over 4,300 digits in hex, other objects by their ``str``."""
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
-        return value
+        return hex(value) if _huge(value) else value  # json.dumps cannot write it in decimal either
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, Mapping):

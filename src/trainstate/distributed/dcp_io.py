@@ -11,6 +11,7 @@ JSON tree), so DCP never ``torch.save``s a value either.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -174,12 +175,19 @@ def _metadata(reader: CheckpointReader) -> tuple[Metadata, _Chunks, _Sizes]:
             ):
                 raise CorruptCheckpointError(f"{where}: chunk {chunk!r:.80} does not fit the shape {list(shape)}")
             file, key = chunk.get("file"), chunk.get("key")
-            reader.file(file, where=f"key {fqn!r}")  # type: ignore[arg-type]
+            entry = reader.file(file, where=f"key {fqn!r}")  # type: ignore[arg-type]
+            if math.prod(sizes) * dtype.itemsize > entry.size:
+                raise CorruptCheckpointError(f"{where}: chunk {key!r:.60} is larger than its file {file!r}")
             if not isinstance(key, str):
                 raise CorruptCheckpointError(f"{where}: invalid chunk key {key!r}")
             chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
             where_of[MetadataIndex(fqn, torch.Size(offsets))] = (file, key)  # type: ignore[assignment]
             sizes_of[(file, key)] = (dtype, tuple(sizes))  # type: ignore[index]
+        covered = sum(math.prod(c.sizes) for c in chunks)
+        if covered != math.prod(shape):  # chunks tile the tensor: allocation is bounded by the files' bytes
+            raise CorruptCheckpointError(
+                f"{where}: its chunks hold {covered} elements, its shape {list(shape)} needs {math.prod(shape)}"
+            )
         entries[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtype), shape, chunks)
     return Metadata(state_dict_metadata=entries, storage_data=where_of), where_of, sizes_of
 

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, Metadata
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -320,11 +321,11 @@ class ShardedLoader:
     ) -> None:
         self._reader = reader
         self._saved_rank = saved_rank
-        self._verify = verify
         self._meta = map_location == "meta" or (isinstance(map_location, torch.device) and map_location.type == "meta")
         self._destinations = destinations
-        tensors = reader.manifest.sharded.get("tensors")
-        self._saved = tensors if isinstance(tensors, dict) else {}
+        # Validated before anything is allocated: every tensor's chunks tile it and fit in their files.
+        self._shards = ShardReader(reader, verify=verify)
+        self._saved = self._shards.read_metadata().state_dict_metadata
         self.state_dict: dict[str, torch.Tensor] = {}
         self._used: set[int] = set()
 
@@ -337,8 +338,13 @@ class ShardedLoader:
         saved = self._saved.get(dcp_key)
         dtype = dtype_from_name(ref.get("dtype"), where=where)
         shape = ref.get("shape")
-        if not isinstance(saved, dict) or not valid_shape(shape) or saved.get("shape") != shape:
-            raise CorruptCheckpointError(f"{where}: no saved tensor {dcp_key!r} of shape {shape!r:.40}")
+        if not (
+            isinstance(saved, TensorStorageMetadata)
+            and valid_shape(shape)
+            and list(saved.size) == shape
+            and saved.properties.dtype == dtype
+        ):
+            raise CorruptCheckpointError(f"{where}: no saved tensor {dcp_key!r:.80} of {dtype}{shape!r:.40}")
         if self._meta:
             tensor = torch.empty(shape, dtype=dtype, device="meta")
         elif dcp_key in self.state_dict:
@@ -359,7 +365,7 @@ class ShardedLoader:
     def fill(self) -> None:
         if self._meta:
             return
-        reader = ShardReader(self._reader, verify=self._verify)
+        reader = self._shards
         planner = DefaultLoadPlanner(allow_partial_load=True)
         try:
             with warnings.catch_warnings():  # a single process reading a sharded checkpoint is intended
