@@ -155,3 +155,11 @@ def test_killed_and_restarted_run_resumes_bit_identically(tmp_path):
     for rank, (killed, run) in enumerate(zip(results(tmp_path, "killed-"), results(tmp_path, "resume-"), strict=True)):
         assert killed == run["reference"][:3], rank
         assert run["resumed"] == run["reference"][3:], rank  # exact floats, per step, per rank
+
+
+def test_a_state_one_rank_cannot_encode_fails_every_rank_before_writing(tmp_path):
+    assert workers.launch(workers.unencodable_on_one_rank, 2, str(tmp_path)) == [0, 0]
+    rank0, rank1 = results(tmp_path, "refused-")
+    assert "tags: cannot save a value of type builtins.set" in rank1
+    assert rank0.startswith(f"{tmp_path / 'ckpt'}: rank(s) [1] could not save their state")
+    assert sorted(os.listdir(tmp_path)) == ["refused-0.json", "refused-1.json"]  # nothing written, no temporaries

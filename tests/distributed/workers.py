@@ -250,3 +250,15 @@ def train(rank: int, world: int, directory: str, mode: str) -> None:
     )
     resumed = [step(model, optimizer, scheduler) for _ in range(3)]
     record(directory, f"resume-{rank}.json", {"reference": reference, "resumed": resumed})
+
+
+def unencodable_on_one_rank(rank: int, world: int, directory: str) -> None:
+    """Rank 1's state holds a set: the save fails on every rank before any file is written."""
+    model, optimizer, _ = build(world)
+    state: dict[str, Any] = {"model": model, "optimizer": optimizer, "tags": {"a"} if rank == 1 else ["a"]}
+    try:
+        trainstate.save(f"{directory}/ckpt", state)
+        outcome = "saved"
+    except trainstate.UnsupportedValueError as exc:
+        outcome = str(exc)
+    record(directory, f"refused-{rank}.json", outcome)

@@ -50,6 +50,40 @@ def test_nothing_is_visible_until_commit_and_everything_after(storage):
     assert _read(storage, "a", MANIFEST_NAME) == b'{"m": 1}'
 
 
+def test_a_joined_transaction_is_committed_by_its_coordinator_only(storage):
+    """A distributed save: rank 0 begins, the others join by transaction id and write their files."""
+    coordinator = storage.begin("a")
+    participant = storage.join("a", coordinator.transaction_id)  # in practice another process
+    coordinator.write("shard-0.bin", [b"0"])
+    participant.write("shard-1.bin", [b"1"])
+    with pytest.raises(CheckpointWriteError, match="only the coordinator commits"):
+        participant.commit(b"{}")
+    assert storage.list() == []
+    coordinator.commit(b"{}")
+    assert _read(storage, "a", "shard-1.bin") == b"1" and _read(storage, "a", "shard-0.bin") == b"0"
+
+
+def test_a_participant_s_abort_takes_only_its_files_and_the_coordinator_s_takes_all(storage):
+    coordinator = storage.begin("a")
+    participant = storage.join("a", coordinator.transaction_id)
+    coordinator.write("shard-0.bin", [b"0"])
+    participant.write("shard-1.bin", [b"1"])
+    participant.abort()
+    coordinator.commit(b"{}")
+    assert sorted(storage.files("a")) == [MANIFEST_NAME, "shard-0.bin"]
+    again = storage.begin("b")
+    storage.join("b", again.transaction_id).write("shard-1.bin", [b"1"])
+    again.abort()
+    assert storage.list() == ["a"] and storage.cleanup() == []
+
+
+def test_joining_a_transaction_that_is_not_there_is_a_write_error(storage):
+    with pytest.raises(CheckpointWriteError, match="shared by every rank"):
+        storage.join("a", ".trainstate-tmp-a-1-000000000000")
+    with pytest.raises(ValueError, match="not a transaction"):
+        storage.join("a", "../elsewhere")
+
+
 def test_abort_leaves_nothing(storage):
     pending = storage.begin("a")
     pending.write("data.bin", [b"x"])
