@@ -68,7 +68,7 @@ def pristine() -> Manifest:
 
 
 @pytest.mark.slow
-@settings(derandomize=True, database=None, deadline=None, max_examples=400)
+@settings(derandomize=True, database=None, deadline=None, max_examples=200)
 @given(data=st.data())
 def test_hostile_sharded_sections(pristine, tmp_path_factory, data):
     ckpt = tmp_path_factory.mktemp("hostile") / "ckpt"

@@ -163,3 +163,18 @@ def test_a_state_one_rank_cannot_encode_fails_every_rank_before_writing(tmp_path
     assert "tags: cannot save a value of type builtins.set" in rank1
     assert rank0.startswith(f"{tmp_path / 'ckpt'}: rank(s) [1] could not save their state")
     assert sorted(os.listdir(tmp_path)) == ["refused-0.json", "refused-1.json"]  # nothing written, no temporaries
+
+
+def test_dcp_load_reads_a_trainstate_checkpoint_through_our_reader(fsdp_checkpoint):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from trainstate.distributed.dcp_io import ShardReader
+
+    full_model, _ = torch.load(fsdp_checkpoint / "full.pt", weights_only=True)
+    model, _, _ = workers.build(1, seed=7)
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, storage_reader=ShardReader.open(fsdp_checkpoint / "ckpt"), no_dist=True)
+    assert all(torch.equal(full_model[k], v) for k, v in state["model"].items())
+    with pytest.raises(trainstate.UnsupportedFormatError, match="not a distributed"):
+        ShardReader.open(os.path.join(os.path.dirname(__file__), "..", "fixtures", "v2"))

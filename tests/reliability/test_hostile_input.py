@@ -1160,7 +1160,7 @@ def cli_operations() -> list[tuple[str, Callable[[Path], Any]]]:
 
 
 @pytest.mark.slow
-@settings(FUZZ, max_examples=600)
+@settings(FUZZ, max_examples=300)
 @given(data=st.data())
 def test_fuzz_manifests_through_the_cli(arena: Arena, data: st.DataObject) -> None:
     """The hostile manifests of `test_fuzz_manifests`, fed to every read-only CLI command: each one

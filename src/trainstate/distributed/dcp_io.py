@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, SavePlan
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from trainstate.errors import CorruptCheckpointError, UnsupportedValueError
+from trainstate.errors import CorruptCheckpointError, UnsupportedFormatError, UnsupportedValueError
 from trainstate.format.hashing import new_hasher
 from trainstate.format.load_plan import LoadPlan as ReadPlan
 from trainstate.format.load_plan import ReadItem as ByteRange
@@ -226,6 +227,19 @@ class ShardReader(StorageReader):
         self._verify = verify
         self._group = group
         self._metadata, self._where_of, self._sizes_of = _metadata(reader)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, verify: bool = True) -> ShardReader:
+        """A reader for ``dcp.load(state_dict, storage_reader=ShardReader.open(path))``: a sharded
+        trainstate checkpoint read by DCP itself (keys as DCP flattens ``{"model": ..., "optimizer":
+        ...}``: ``model.0.weight``; tensors only, so pass ``DefaultLoadPlanner(allow_partial_load=True)``
+        when the state dict also holds plain values such as ``param_groups``)."""
+        from trainstate.storage import split_path
+
+        reader = CheckpointReader(*split_path(path))
+        if reader.manifest.sharded is None:
+            raise UnsupportedFormatError(f"{reader.where}: not a distributed (format 3) checkpoint")
+        return cls(reader, verify=verify)
 
     def reset(self, checkpoint_id: Any = None) -> None:
         pass
