@@ -178,3 +178,16 @@ def test_dcp_load_reads_a_trainstate_checkpoint_through_our_reader(fsdp_checkpoi
     assert all(torch.equal(full_model[k], v) for k, v in state["model"].items())
     with pytest.raises(trainstate.UnsupportedFormatError, match="not a distributed"):
         ShardReader.open(os.path.join(os.path.dirname(__file__), "..", "fixtures", "v2"))
+
+
+def test_checkpoint_manager_under_torchrun(tmp_path):
+    assert workers.launch(workers.managed, 2, str(tmp_path)) == [0, 0]
+    for rank, seen in enumerate(results(tmp_path, "managed-")):
+        full = True if rank == 0 else None
+        assert seen == {"steps": [4, 6], "restored": 4, "after": [4], "model": full, "optimizer": full}, rank
+    assert sorted(os.listdir(tmp_path / "step_00000004")) == [
+        "manifest.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
+    assert os.listdir(tmp_path / "trainstate-quarantine")  # the damaged step 6, moved aside once

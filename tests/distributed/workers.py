@@ -262,3 +262,42 @@ def unencodable_on_one_rank(rank: int, world: int, directory: str) -> None:
     except trainstate.UnsupportedValueError as exc:
         outcome = str(exc)
     record(directory, f"refused-{rank}.json", outcome)
+
+
+def managed(rank: int, world: int, directory: str) -> None:
+    """A CheckpointManager under torchrun: one sharded checkpoint per step, retention once, then an
+    auto-resume that agrees across ranks to skip (and quarantine) a damaged newest checkpoint."""
+    model, optimizer, scheduler = build(world)
+    torch.manual_seed(100 + rank)
+    states = {}
+    with trainstate.CheckpointManager(directory, keep_last=2, every_n_steps=2) as manager:
+        for i in range(1, 7):
+            loss = step(model, optimizer, scheduler)
+            saved = manager.save(
+                i, {"model": model, "optimizer": optimizer, "rng": trainstate.RNGState()}, {"loss": loss}
+            )
+            if saved:
+                states[i] = full_state(model, optimizer)
+        steps = manager.steps()
+    if rank == 0:  # damage the newest checkpoint's rank-1 shard
+        shard = Path(directory, "step_00000006", "shard-00001.safetensors")
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 1
+        shard.write_bytes(bytes(data))
+    dist.barrier()
+    model2, optimizer2, _ = build(world, seed=9)
+    with trainstate.CheckpointManager(directory, keep_last=2) as manager:
+        restored = manager.restore({"model": model2, "optimizer": optimizer2, "rng": trainstate.RNGState()})
+        after = manager.steps()
+    got = full_state(model2, optimizer2)
+    record(
+        directory,
+        f"managed-{rank}.json",
+        {
+            "steps": steps,
+            "restored": restored,
+            "after": after,
+            "model": _same_model(states[4][0], got[0]),
+            "optimizer": _same_optimizer(states[4][1], got[1]),
+        },
+    )

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from trainstate.api import Peek, Rename, peek_reader, plan_state
 from trainstate.api import restore as restore_checkpoint
 from trainstate.distributed import active_world
@@ -27,6 +30,7 @@ from trainstate.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
+    StateMismatchError,
     UnsupportedFormatError,
 )
 from trainstate.format.reader import CheckpointReader, MapLocation
@@ -168,11 +172,13 @@ class CheckpointManager:
     ) -> None:
         _check_options(keep_last, keep_best, monitor, mode, keep_every, every_n_steps, every_n_seconds, early_stopping)
         # A ValueError for a scheme this trainstate cannot write; a Storage object is used as it is.
-        if active_world() is not None:
-            raise NotImplementedError(
-                "CheckpointManager does not coordinate ranks yet (each rank would write its own checkpoints); "
-                "under torchrun, call trainstate.save / trainstate.load on every rank instead"
-            )
+        # Under torchrun every rank makes the same calls: saves are collective (one sharded checkpoint
+        # per step), rank 0 alone locks, cleans up, applies retention and quarantines.
+        self._world = active_world()
+        self._coordinator = self._world is None or self._world[0] == 0
+        if self._world is not None and async_save:
+            logger.warning("async_save is not coordinated across ranks yet: distributed saves are synchronous")
+            async_save = False
         self._storage = directory if isinstance(directory, Storage) else open_storage(directory)
         self.directory = self._storage.root
         if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
@@ -303,7 +309,11 @@ class CheckpointManager:
         if type(step) is not int or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         preempted = self._preemption is not None and self._preemption.requested and not self._preempted_save_done
-        if not (force or preempted or self._trigger.should_save(step, time.monotonic(), self._last_save_time)):
+        wanted = force or preempted or self._trigger.should_save(step, time.monotonic(), self._last_save_time)
+        if self._world is not None:  # all ranks save the same step: any rank's trigger or signal counts
+            preempted, wanted = _agree_any(preempted), _agree_any(wanted)
+            _agree_same(step, "step", self.directory)
+        if not wanted:
             return False
         self.wait()
         newest = max(s for s in (self.latest_step(), self._requested_step, -1) if s is not None)
@@ -331,6 +341,14 @@ class CheckpointManager:
                 stopper.update(value, self.mode)
             record["early_stopping"] = stopper.state_dict()
         self._acquire()
+        if self._world is not None:
+            self._write_sharded(step, adapt_for_save(state), record, clean_metrics)
+            if stopper is not None and self.early_stopping is not None:
+                self.early_stopping.load_state_dict(stopper.state_dict())
+            self._last_save_time = time.monotonic()
+            if preempted:
+                self._preempted_save_done = True
+            return True
         stager = self._stager if self.async_save and not preempted else Direct()  # preemption saves are sync
         snapshot = stager.stage(adapt_for_save(state))
         # Encoded here, in the caller's thread: a state that cannot be saved fails this call, not the next.
@@ -360,9 +378,31 @@ class CheckpointManager:
     def _write(self, step: int, plan: SavePlan, metrics: dict[str, float], env: dict[str, Any]) -> None:
         self._storage.cleanup()  # leftovers of failed saves never accumulate
         execute_save(plan, self._storage.begin(step_name(step)), environment_extra=env)
+        self._committed(step, metrics)
+
+    def _write_sharded(
+        self, step: int, state: Mapping[str, Any], record: dict[str, Any], metrics: dict[str, float]
+    ) -> None:
+        """A collective save of every rank's share; retention on rank 0, and no rank goes on before it is done."""
+        from trainstate.distributed.sharded import save_sharded
+
+        if self._coordinator:
+            self._storage.cleanup()
+        save_sharded(self._storage, step_name(step), state, metadata=record)
+        self._committed(step, metrics)
+        dist.barrier()
+
+    def _committed(self, step: int, metrics: dict[str, float]) -> None:
+        """Index a committed step, then delete what retention no longer keeps (rank 0 deletes; every
+        rank's index follows)."""
         with self._index_lock:
             self._index[step] = CheckpointInfo(step, metrics)
             doomed = self._retention.to_delete(list(self._index.values()))
+        if not self._coordinator:
+            with self._index_lock:
+                for old in doomed:
+                    self._index.pop(old, None)
+            return
         for old in doomed:
             try:
                 self._storage.delete(step_name(old))
@@ -415,6 +455,8 @@ class CheckpointManager:
         self.wait()
         if step is not None:
             return self._restore_step(step, state, map_location=map_location, strict=strict, rename=rename)
+        if self._world is not None:
+            return self._restore_agreed(state, map_location=map_location, strict=strict, rename=rename)
         damaged: dict[str, str] = {}  # name -> why it was skipped
         restored = None
         for _ in range(_MAX_RESCANS):
@@ -439,6 +481,48 @@ class CheckpointManager:
         newer = [n for n in damaged if (parse_step_name(n) or -1) > (-1 if restored is None else restored)]
         if newer:
             self._quarantine(newer)
+        return restored
+
+    def _restore_agreed(
+        self, state: Mapping[str, Any], *, map_location: MapLocation, strict: bool, rename: Rename | None
+    ) -> int | None:
+        """`restore` under torchrun: the newest checkpoint that restores on every rank. Candidates are
+        rank 0's; after each attempt the ranks compare outcomes, so all skip a damaged one together
+        and an error about the state on any rank is raised on all."""
+        self._scan()
+        candidates: list[Any] = [list(reversed(self.steps()))]
+        dist.broadcast_object_list(candidates, src=0)
+        damaged: dict[str, str] = {}
+        restored = None
+        for candidate in candidates[0]:
+            outcome: tuple[str, str] = ("ok", "")
+            error: BaseException | None = None
+            try:
+                self._restore_step(candidate, state, map_location=map_location, strict=strict, rename=rename)
+            except _SKIPPABLE + (CheckpointNotFoundError,) as exc:
+                outcome, error = ("damaged", str(exc)), exc
+            except Exception as exc:  # noqa: BLE001 - shared with every rank below
+                outcome, error = ("error", f"{type(exc).__name__}: {exc}"), exc
+            outcomes: list[Any] = [None] * self._world[1]  # type: ignore[index]
+            dist.all_gather_object(outcomes, outcome)
+            failed = {r: text for r, (kind, text) in enumerate(outcomes) if kind == "error"}
+            if failed:
+                if error is not None and outcome[0] == "error":
+                    raise error
+                raise StateMismatchError(f"{self.directory}: step {candidate}: restoring failed on rank(s) {failed}")
+            skipped = [text for kind, text in outcomes if kind == "damaged"]
+            if skipped:
+                logger.warning("%s: skipping step %d: %s", self.directory, candidate, skipped[0])
+                damaged[step_name(candidate)] = skipped[0]
+                continue
+            restored = candidate
+            break
+        newer = [n for n in damaged if (parse_step_name(n) or -1) > (-1 if restored is None else restored)]
+        if newer and self._coordinator:
+            self._quarantine(newer)
+        dist.barrier()
+        if newer:
+            self._scan()
         return restored
 
     def _quarantine(self, names: list[str]) -> None:
@@ -541,9 +625,10 @@ class CheckpointManager:
 
     def _acquire(self) -> None:
         if not self._locked:
-            self._storage.lock(timeout=self._lock_timeout)
+            if self._coordinator:  # under torchrun rank 0 writes for all: it alone holds the lock
+                self._storage.lock(timeout=self._lock_timeout)
+                self._storage.cleanup()
             self._locked = True
-            self._storage.cleanup()
             self._scan()  # another writer may have committed while we were not holding the lock
 
     def _scan(self) -> bool:
@@ -610,6 +695,21 @@ class CheckpointManager:
         for key in ("world_size", "cuda_device_count", "dataloader_workers"):
             if key in saved and saved[key] != current[key]:
                 logger.warning("%s: %s was %s when saved, is %s now", reader.where, key, saved[key], current[key])
+
+
+def _agree_any(flag: bool) -> bool:
+    """True on every rank if it is True on any rank."""
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _agree_same(value: int, what: str, where: str) -> None:
+    """Raise ValueError on every rank unless every rank passed the same ``value``."""
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    if len(set(values)) != 1:
+        raise ValueError(f"{where}: every rank must save the same {what}; got {values} by rank")
 
 
 def _loader_workers(state: Mapping[str, Any]) -> dict[str, int]:
