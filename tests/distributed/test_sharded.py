@@ -191,3 +191,31 @@ def test_checkpoint_manager_under_torchrun(tmp_path):
         "shard-00001.safetensors",
     ]
     assert os.listdir(tmp_path / "trainstate-quarantine")  # the damaged step 6, moved aside once
+
+
+def test_export_consolidates_a_sharded_model_one_tensor_at_a_time(fsdp_checkpoint, tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    from safetensors.torch import load_file
+
+    import trainstate.cli.export as export
+
+    alive: list[weakref.ref] = []
+    real = export._load_one
+
+    def load_one(*args):
+        gc.collect()
+        assert all(ref() is None for ref in alive), "an earlier tensor is still held"
+        tensor = real(*args)
+        alive.append(weakref.ref(tensor))
+        return tensor
+
+    monkeypatch.setattr(export, "_load_one", load_one)
+    out = tmp_path / "model.safetensors"
+    result = CliRunner().invoke(app, ["export", str(fsdp_checkpoint / "ckpt"), str(out), "--dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    full_model, _ = torch.load(fsdp_checkpoint / "full.pt", weights_only=True)
+    weights = load_file(out)
+    assert weights.keys() == full_model.keys() and len(alive) == 4
+    assert all(torch.equal(weights[k], full_model[k].to(torch.bfloat16)) for k in full_model)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 import os
+import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import torch
@@ -16,6 +21,7 @@ from trainstate.cli._ui import UI, Debug, Json, Quiet, command, fail, format_byt
 from trainstate.convert import TORCH_SUFFIXES
 from trainstate.format import CheckpointReader
 from trainstate.format.codec import Path, format_path
+from trainstate.format.tensorfile import SAFETENSORS_DTYPES, byte_view, dtype_from_name
 from trainstate.storage import atomic_write_file, local_path
 
 HELP = "Export the model weights of a checkpoint to .safetensors (default) or .pt, with key remapping and dtype cast."
@@ -86,31 +92,48 @@ def _remap(keys: list[str], strip: str | None, prefix: str | None, ui: UI) -> li
     return out
 
 
-def _load(reader: CheckpointReader, refs: dict[Path, TensorRef], verify: bool) -> dict[Path, torch.Tensor]:
-    _, loader, _ = tensor_source(reader, map_location="cpu", verify=verify)
-    decoded = {path: reader.decode(ref.node, loader, path=path) for path, ref in refs.items()}
+def _load_one(reader: CheckpointReader, path: Path, ref: TensorRef) -> torch.Tensor:
+    """One tensor, read on its own (its files were verified up front)."""
+    _, loader, _ = tensor_source(reader, map_location="cpu", verify=False)
+    value = reader.decode(ref.node, loader, path=path)
     loader.fill()
-    return {p: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for p, v in decoded.items()}
+    return value if isinstance(value, torch.Tensor) else torch.from_numpy(value)
 
 
-def _write_safetensors(target: str, tensors: dict[str, torch.Tensor]) -> None:
-    import safetensors.torch
+def _safetensors_dtype(dtype: torch.dtype, target: str) -> str:
+    name = SAFETENSORS_DTYPES.get(dtype)
+    if name is None:  # trainstate's own files keep such tensors as raw bytes; an export must be portable
+        fail(f"{target}: safetensors cannot store {dtype} tensors; use --format pt or --dtype")
+    return name
 
-    seen: set[tuple[int, Any]] = set()
-    ready = {}
-    for key, tensor in tensors.items():
-        tensor = tensor.detach().contiguous()
-        span = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if tensor.numel() and span in seen:  # tied weights: safetensors stores each key's own bytes
-            tensor = tensor.clone()
-        seen.add(span)
-        ready[key] = tensor
-    try:
-        data = safetensors.torch.save(ready, metadata={"format": "pt"})
-    except Exception as exc:
-        fail(f"{target}: safetensors cannot store these tensors ({exc}); use --format pt or --dtype")
+
+def _stream_safetensors(
+    target: str, items: list[tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]]
+) -> None:
+    """Write a safetensors file one tensor at a time: the header from the manifest's dtypes and
+    shapes, then each tensor read, written and freed, so memory stays at the largest tensor (a
+    sharded model never needs to fit in memory at once)."""
+    ordered = sorted(items, key=lambda item: (-item[1].itemsize, item[0]))  # aligned, no gaps, as safetensors orders
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape, _ in ordered:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {
+            "dtype": _safetensors_dtype(dtype, target),
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(len(text) + 8) % 8)
     with atomic_write_file(target) as f:
-        f.write(data)
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name, dtype, shape, produce in ordered:
+            tensor = produce().detach().to(dtype).contiguous()
+            if tuple(tensor.shape) != shape:  # the manifest and the data disagree: refuse, never write junk
+                fail(f"{target}: {name!r} read as {list(tensor.shape)}, the manifest says {list(shape)}")
+            f.write(byte_view(tensor))
+            del tensor
 
 
 @command
@@ -149,29 +172,42 @@ def export(
         if not refs:
             fail(f"{reader.where}: {format_path(base)!r} holds no tensors")
         skipped = [format_path(p) for p, v in items if not isinstance(v, TensorRef)]
-        with ui.progress(f"reading {format_path(base)}", None):
-            tensors = _load(reader, refs, verify=not no_verify)
-    names = [format_path(p[len(base) :]) if len(p) > len(base) else str(p[-1]) for p in refs]
-    names = _remap(names, strip_prefix, prefix, ui)
-    cast = _DTYPES[dtype.lower()] if dtype else None
-    output: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for name, p in zip(names, refs, strict=True):
-        tensor = tensors[p]
-        output[name] = tensor.to(cast) if cast is not None and tensor.is_floating_point() else tensor
-    with ui.progress(f"writing {out}", None):
-        if file_format == "safetensors":
-            _write_safetensors(target, output)
-        else:
-            with atomic_write_file(target) as f:
-                torch.save(output, f)
+        names = [format_path(p[len(base) :]) if len(p) > len(base) else str(p[-1]) for p in refs]
+        names = _remap(names, strip_prefix, prefix, ui)
+        cast = _DTYPES[dtype.lower()] if dtype else None
+        if not no_verify:
+            with ui.progress(f"verifying {reader.where}", None):
+                reader.verify()  # once, up front: the tensors are then read one at a time
+
+        def exported_dtype(ref: TensorRef) -> torch.dtype:
+            saved = dtype_from_name(ref.node.get("dtype"), where=reader.where)
+            return cast if cast is not None and saved.is_floating_point else saved
+
+        with ui.progress(f"writing {out}", None):
+            if file_format == "safetensors":
+                _stream_safetensors(
+                    target,
+                    [
+                        (name, exported_dtype(ref), ref.shape, functools.partial(_load_one, reader, p, ref))
+                        for name, (p, ref) in zip(names, refs.items(), strict=True)
+                    ],
+                )
+            else:  # torch.save needs the whole dict in memory
+                output = OrderedDict(
+                    (name, _load_one(reader, p, ref).to(exported_dtype(ref)))
+                    for name, (p, ref) in zip(names, refs.items(), strict=True)
+                )
+                with atomic_write_file(target) as f:
+                    torch.save(output, f)
+    elements = sum(math.prod(ref.shape) for ref in refs.values())
     size = os.path.getsize(target)
     summary = {
         "path": reader.where,
         "key": format_path(base),
         "out": target,
         "format": file_format,
-        "tensors": len(output),
-        "elements": sum(t.numel() for t in output.values()),
+        "tensors": len(refs),
+        "elements": elements,
         "bytes": size,
         "skipped": skipped,
     }

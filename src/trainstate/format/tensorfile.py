@@ -23,6 +23,7 @@ from trainstate.storage.base import ReadableFile
 
 __all__ = [
     "MAX_NDIM",
+    "SAFETENSORS_DTYPES",
     "HeaderEntry",
     "valid_shape",
     "alias_key",
@@ -40,7 +41,7 @@ _ALIGN = 8
 _COALESCE_BELOW = 1 << 20  # small tensors are batched into one write
 _COALESCE_BUFFER = 4 << 20
 
-_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -156,7 +157,7 @@ class TensorRecord:
 
 def _record(key: str, tensor: torch.Tensor) -> TensorRecord:
     nbytes = tensor.numel() * tensor.element_size()
-    st = _SAFETENSORS_DTYPES.get(tensor.dtype)
+    st = SAFETENSORS_DTYPES.get(tensor.dtype)
     if st is None:
         return TensorRecord(key, "U8", (nbytes,), nbytes)
     return TensorRecord(key, st, tuple(tensor.shape), nbytes)
@@ -304,7 +305,7 @@ def _parse_entry(spec: object, base: int, data_len: int, *, where: str) -> Heade
 
 def stored_as(dtype: torch.dtype, shape: Sequence[int]) -> tuple[str, tuple[int, ...]]:
     """The safetensors (dtype, shape) a tensor of ``dtype``/``shape`` is stored under."""
-    st = _SAFETENSORS_DTYPES.get(dtype)
+    st = SAFETENSORS_DTYPES.get(dtype)
     if st is not None:
         return st, tuple(shape)
     numel = 1
