@@ -87,6 +87,8 @@ def test_cli_reads_sharded_checkpoints(fsdp_checkpoint):
     assert {"key": "model.0.weight", "dtype": "float32", "shape": [16, 6]}.items() <= report["tensors"][0].items()
     listing = json.loads(runner.invoke(app, ["ls", str(fsdp_checkpoint), "--json", "--verify"]).stdout)
     assert [(e["name"], e["status"]) for e in listing] == [("ckpt", "ok")]
+    same = runner.invoke(app, ["diff", ckpt, ckpt])
+    assert same.exit_code == 0, same.output
 
 
 def test_damaged_shard_is_refused_before_any_live_tensor_changes(fsdp_checkpoint, tmp_path):
