@@ -48,7 +48,7 @@ from trainstate.errors import (
     StateMismatchError,
     UnsupportedValueError,
 )
-from trainstate.format.codec import TAG, Encoder, qualified_type, unwrap_module
+from trainstate.format.codec import TAG, Encoder, StateSnapshot, qualified_type, unwrap_module
 from trainstate.format.manifest import FORMAT_VERSION, FileEntry, Manifest
 from trainstate.format.reader import CheckpointReader
 from trainstate.format.tensorfile import dtype_from_name, dtype_name, valid_shape
@@ -62,20 +62,6 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ saving
-class _GlobalState:
-    """A module's or optimizer's state as DCP's state-dict API gives it, saved like the object."""
-
-    def __init__(self, type_name: str, state: Any) -> None:
-        self.stateful_type = type_name
-        self._state = state
-
-    def state_dict(self) -> Any:
-        return self._state
-
-    def load_state_dict(self, state: Any) -> None:  # pragma: no cover - never restored into
-        raise TypeError("a distributed snapshot cannot be restored into")
-
-
 def _module_of(optimizer: torch.optim.Optimizer, modules: list[torch.nn.Module], where: str) -> torch.nn.Module:
     params = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for module in modules:
@@ -102,11 +88,11 @@ def _global_states(state: Mapping[str, Any], where: str) -> tuple[dict[str, Any]
         if isinstance(value, torch.nn.Module):
             module = unwrap_module(value)
             paths.append(path)
-            return _GlobalState(_module_type(module), get_model_state_dict(module))
+            return StateSnapshot(_module_type(module), get_model_state_dict(module))
         if isinstance(value, torch.optim.Optimizer):
             paths.append(path)
             module = _module_of(value, modules, f"{where}: key {format_path(path)!r}")
-            return _GlobalState(qualified_type(value), get_optimizer_state_dict(module, value))
+            return StateSnapshot(qualified_type(value), get_optimizer_state_dict(module, value))
         return value
 
     return rebuild(dict(state), leaf), paths

@@ -31,6 +31,7 @@ __all__ = [
     "TAG",
     "Codec",
     "Decoder",
+    "StateSnapshot",
     "Encoder",
     "TensorSink",
     "TensorSource",
@@ -388,6 +389,21 @@ def _decode_pickle(node: dict[str, Any], path: Path, dec: Decoder) -> Any:
             "pass allow_pickle=True only if you trust this file"
         )
     return pickle.loads(_b64(node))  # noqa: S301 - explicit opt-in above
+
+
+class StateSnapshot:
+    """A live object's state dict taken at one moment (an async capture, a distributed state dict),
+    saved exactly like the object itself: `qualified_type` records the original's type."""
+
+    def __init__(self, type_name: str, state: Any) -> None:
+        self.stateful_type = type_name
+        self._state = state
+
+    def state_dict(self) -> Any:
+        return self._state
+
+    def load_state_dict(self, state: Any) -> None:  # pragma: no cover - never restored into
+        raise TypeError("a state snapshot cannot be restored into")
 
 
 def qualified_type(value: Any) -> str:

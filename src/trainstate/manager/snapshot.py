@@ -13,25 +13,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from trainstate.format.codec import is_stateful, qualified_type, unwrap_module
+from trainstate.format.codec import StateSnapshot, is_stateful, qualified_type, unwrap_module
 from trainstate.format.tensorfile import alias_key
 from trainstate.format.tree import rebuild
 
 __all__ = ["Captured", "Direct", "HostCopy", "Stager", "capture"]
 
 
-class Captured:
-    """A live object's state dict as it was at capture time; saved exactly like the object itself."""
-
-    def __init__(self, type_name: str, state: Any) -> None:
-        self.stateful_type = type_name
-        self._state = state
-
-    def state_dict(self) -> Any:
-        return self._state
-
-    def load_state_dict(self, state: Any) -> None:  # pragma: no cover - never restored into
-        raise TypeError("a captured snapshot cannot be restored into")
+Captured = StateSnapshot
+"""A live object's state dict as it was at capture time; saved exactly like the object itself."""
 
 
 def capture(state: Mapping[str, Any]) -> dict[str, Any]:
