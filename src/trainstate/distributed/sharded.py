@@ -49,7 +49,7 @@ from trainstate.errors import (
     UnsupportedValueError,
 )
 from trainstate.format.codec import TAG, Encoder, StateSnapshot, qualified_type, unwrap_module
-from trainstate.format.manifest import FORMAT_VERSION, FileEntry, Manifest
+from trainstate.format.manifest import FORMAT_VERSION, MAX_MANIFEST_BYTES, FileEntry, Manifest
 from trainstate.format.reader import CheckpointReader
 from trainstate.format.tensorfile import dtype_from_name, dtype_name, valid_shape
 from trainstate.format.tree import Path, format_path, rebuild
@@ -169,15 +169,19 @@ def save_sharded(
         outcome = ("ok", json.dumps(tree, separators=(",", ":"), allow_nan=False), meta)
     except Exception as exc:  # reported to every rank, then raised
         outcome = ("error", f"{type(exc).__name__}: {exc}", exc)
-    outcomes: list[Any] = [None] * world_size
-    dist.all_gather_object(outcomes, outcome[:2])
-    failed = {r: text for r, (status, text) in enumerate(outcomes) if status == "error"}
+    statuses: list[Any] = [None] * world_size
+    dist.all_gather_object(statuses, (outcome[0], outcome[1] if outcome[0] == "error" else ""))
+    failed = {r: text for r, (status, text) in enumerate(statuses) if status == "error"}
     if failed:
         if outcome[0] == "error":
             raise outcome[2]
         raise UnsupportedValueError(f"{where}: rank(s) {sorted(failed)} could not save their state: {failed}")
     assert sink is not None
-    trees = [json.loads(text) for _, text in outcomes]
+    # Every rank's tree goes to the coordinator only (it writes the manifest; a large optimizer's
+    # tree times the world size must not sit on every rank).
+    gathered: list[Any] | None = [None] * world_size if rank == 0 else None
+    dist.gather_object(outcome[1], gathered, dst=0)
+    trees = [json.loads(text) for text in gathered] if gathered is not None else []
     # 2. One transaction: the coordinator begins it, every other rank joins it.
     pending = None
     begun: list[Any] = [None]
@@ -210,7 +214,13 @@ def save_sharded(
             format_version=FORMAT_VERSION,
             sharded={"world_size": world_size, "tensors": sharded_section(dcp_metadata), "per_rank": _per_rank(trees)},
         )
-        pending.commit(manifest.to_json())
+        data = manifest.to_json()
+        if len(data) > MAX_MANIFEST_BYTES:  # loading would refuse it: fail the save on every rank instead
+            raise UnsupportedValueError(
+                f"{where}: the manifest would be {len(data) / 2**20:.1f} MiB, over the {MAX_MANIFEST_BYTES // 2**20} "
+                "MiB that loading accepts; store bulk values as tensors, not as Python lists, ints or bytes"
+            )
+        pending.commit(data)
 
     # 3. DCP plans and writes; the coordinator's finish commits; failures reach every rank.
     try:

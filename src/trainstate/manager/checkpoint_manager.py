@@ -311,8 +311,9 @@ class CheckpointManager:
         preempted = self._preemption is not None and self._preemption.requested and not self._preempted_save_done
         wanted = force or preempted or self._trigger.should_save(step, time.monotonic(), self._last_save_time)
         if self._world is not None:  # all ranks save the same step: any rank's trigger or signal counts
-            preempted, wanted = _agree_any(preempted), _agree_any(wanted)
-            _agree_same(step, "step", self.directory)
+            preempted, wanted = _agree_any(preempted, wanted)  # one small all-reduce per call
+            if wanted:
+                _agree_same(step, "step", self.directory)
         if not wanted:
             return False
         self.wait()
@@ -697,11 +698,11 @@ class CheckpointManager:
                 logger.warning("%s: %s was %s when saved, is %s now", reader.where, key, saved[key], current[key])
 
 
-def _agree_any(flag: bool) -> bool:
-    """True on every rank if it is True on any rank."""
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+def _agree_any(*flags: bool) -> tuple[bool, ...]:
+    """Each flag True on every rank if it is True on any rank."""
+    values = torch.tensor([int(f) for f in flags])
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in values.tolist())
 
 
 def _agree_same(value: int, what: str, where: str) -> None:
