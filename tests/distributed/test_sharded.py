@@ -106,12 +106,12 @@ def test_damaged_shard_is_refused_before_any_live_tensor_changes(fsdp_checkpoint
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_fsdp2_reshards_4_to_2(fsdp_checkpoint, tmp_path):
+def test_fsdp2_reshards_4_to_2_and_loads_into_ddp(fsdp_checkpoint, tmp_path):
     assert workers.launch(workers.fsdp_load, 2, str(fsdp_checkpoint)) == [0, 0]
     seen = results(fsdp_checkpoint, "world-2-")
     assert len(seen) == 2 and seen[0]["model"] and seen[0]["optimizer"]
     for found in seen:
-        assert found["lr"]
+        assert found["lr"] and found["ddp"]  # and into a DDP replica on every rank
         assert "per-rank state ['rng'] was saved by 4 ranks and cannot be resharded to 2" in found["refused"]
 
 

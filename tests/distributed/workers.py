@@ -155,8 +155,13 @@ def fsdp_load(rank: int, world: int, directory: str) -> None:
     except trainstate.StateMismatchError as exc:
         refused = str(exc)
     trainstate.load(ckpt, {"model": model, "optimizer": optimizer, "scheduler": scheduler})
-    full = torch.load(f"{directory}/full.pt", weights_only=True)
+    full = torch.load(f"{directory}/full.pt", weights_only=True)  # on every rank: the saving run's full state
     restored = full_state(model, optimizer)
+    # FSDP2 -> DDP: the same checkpoint into a replicated model; every rank holds the full state.
+    plain, plain_optimizer, _ = build(1, seed=11)
+    ddp = torch.nn.parallel.DistributedDataParallel(plain)
+    trainstate.load(ckpt, {"model": ddp, "optimizer": plain_optimizer})
+    replicated = get_model_state_dict(plain), get_optimizer_state_dict(plain, plain_optimizer)
     record(
         directory,
         f"world-{world}-{rank}.json",
@@ -165,6 +170,7 @@ def fsdp_load(rank: int, world: int, directory: str) -> None:
             "model": _same_model(full[0], restored[0]) if rank == 0 else None,
             "optimizer": _same_optimizer(full[1], restored[1]) if rank == 0 else None,
             "lr": scheduler.get_last_lr() == [1e-2 * 0.5],
+            "ddp": _same_model(full[0], replicated[0]) and _same_optimizer(full[1], replicated[1]),
         },
     )
 
