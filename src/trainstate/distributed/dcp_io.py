@@ -278,11 +278,13 @@ class ShardReader(StorageReader):
     def _stage(self, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
         plan = ReadPlan()
         out = {}
+        headers: dict[str, dict[str, Any]] = {}  # each file's header parsed once
         for file, key in sorted(wanted):
-            entry = self._reader.file(file, where=f"chunk {key!r}")
-            with self._reader.opened(entry) as f:
-                _, header = read_header(f, entry.size, where=f"{self._reader.where}/{file}")
-            stored = header.get(key)
+            if file not in headers:
+                entry = self._reader.file(file, where=f"chunk {key!r}")
+                with self._reader.opened(entry) as f:
+                    _, headers[file] = read_header(f, entry.size, where=f"{self._reader.where}/{file}")
+            stored = headers[file].get(key)
             if stored is None:
                 raise CorruptCheckpointError(f"{self._reader.where}/{file}: chunk {key!r} is missing from the file")
             dtype, sizes = self._sizes_of[(file, key)]
