@@ -52,7 +52,7 @@ from trainstate.format.codec import TAG, Encoder, StateSnapshot, qualified_type,
 from trainstate.format.manifest import FORMAT_VERSION, MAX_MANIFEST_BYTES, FileEntry, Manifest
 from trainstate.format.reader import CheckpointReader
 from trainstate.format.tensorfile import dtype_from_name, dtype_name, valid_shape
-from trainstate.format.tree import Path, format_path, rebuild
+from trainstate.format.tree import Path, any_node, format_path, rebuild
 from trainstate.format.writer import environment
 from trainstate.storage.base import Storage
 
@@ -290,16 +290,7 @@ def _per_rank_entries(tree: Any) -> set[str]:
 
 
 def _holds_per_rank(node: Any) -> bool:
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            if item.get(TAG) == "tensor" and item.get("per_rank") is True:
-                return True
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
+    return any_node(node, lambda item: item.get(TAG) == "tensor" and item.get("per_rank") is True)
 
 
 class ShardedLoader:

@@ -17,6 +17,7 @@ from trainstate.errors import CorruptCheckpointError
 __all__ = [
     "TAG",
     "TENSOR_TAGS",
+    "any_node",
     "Path",
     "children",
     "dict_entries",
@@ -92,11 +93,16 @@ def _key(key: Any, where: str, path: Path) -> Any:
 
 def holds_tensors(node: Any) -> bool:
     """Whether an encoded subtree references tensor data (tensors or numpy arrays)."""
+    return any_node(node, lambda item: item.get(TAG) in TENSOR_TAGS)
+
+
+def any_node(node: Any, test: Callable[[dict[str, Any]], bool]) -> bool:
+    """Whether ``test`` holds for any object node of an encoded subtree (iterative: no depth limit)."""
     stack = [node]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            if item.get(TAG) in TENSOR_TAGS:
+            if test(item):
                 return True
             stack.extend(item.values())
         elif isinstance(item, list):
