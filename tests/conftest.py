@@ -23,6 +23,24 @@ def make_mlp():
     return make
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API server (moto in server mode, its own process on loopback) for the session."""
+    from s3support import MotoServer
+
+    server = MotoServer()
+    yield server.endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_run(s3_endpoint):
+    """``(url, storage_options)`` of a fresh directory in a fresh bucket of the test server."""
+    from s3support import new_bucket, options
+
+    return f"s3://{new_bucket(s3_endpoint)}/run", options(s3_endpoint)
+
+
 def pytest_collection_modifyitems(config, items):
     """`@pytest.mark.gpu` tests run only where CUDA is available."""
     if torch.cuda.is_available():

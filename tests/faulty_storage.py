@@ -52,7 +52,10 @@ class FaultyStorage(Storage):
 
     def __init__(self, inner: Storage, faults: Faults) -> None:
         self._inner, self.faults = inner, faults
-        self.root = inner.root
+        self.root, self.remote = inner.root, inner.remote
+
+    def where(self, name: str) -> str:
+        return self._inner.where(name)
 
     def begin(self, name: str, *, overwrite: bool = True) -> PendingCheckpoint:
         self.faults(f"begin {name}")

@@ -17,7 +17,7 @@ from trainstate.format.reader import CheckpointReader, MapLocation, TensorLoader
 from trainstate.format.tree import Path, children, format_path, holds_tensors, matching_leaves, tag, unwrap
 from trainstate.format.writer import DEFAULT_SHARD_BYTES, SavePlan, execute_save, plan_save
 from trainstate.loaders import adapt_for_save, is_stateful_loader, restore_loader
-from trainstate.storage import split_path
+from trainstate.storage import StorageOptions, split_path
 
 __all__ = ["Peek", "load", "peek", "plan_state", "restore", "save", "tensor_source"]
 
@@ -32,6 +32,7 @@ def save(
     overwrite: bool = True,
     allow_pickle: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    storage_options: StorageOptions | None = None,
 ) -> None:
     """Save ``state`` as a checkpoint directory at ``path``, atomically.
 
@@ -47,6 +48,8 @@ def save(
         overwrite: Replace an existing checkpoint at ``path``; if False, raise CheckpointExistsError.
         allow_pickle: Pickle values of unsupported types instead of raising (loading then needs it too).
         shard_bytes: Target size of each tensor file; files are written in parallel.
+        storage_options: For a URL ``path`` (``s3://bucket/run/ckpt``): options of its fsspec
+            filesystem (credentials, ``endpoint_url``, ...).
 
     Example:
         >>> import torch, trainstate
@@ -55,7 +58,7 @@ def save(
         >>> trainstate.load("/tmp/ts-doc/ckpt", {"model": model})["epoch"]
         3
     """
-    storage, name = split_path(path)
+    storage, name = split_path(path, storage_options)
     world = active_world()
     # No directory lock: the commit is atomic by itself, so this works beside a CheckpointManager
     # saving into the same directory (``save(run_dir / "best", ...)``).
@@ -106,6 +109,7 @@ def load(
     verify: bool = True,
     allow_pickle: bool = False,
     rename: Rename | None = None,
+    storage_options: StorageOptions | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint; restore live objects in ``state`` in place and return the saved entries.
 
@@ -129,6 +133,7 @@ def load(
             live module (``lambda k: k.removeprefix("backbone.")``); return None to drop a key. A
             ``torch.compile`` / DDP wrapper needs none: trainstate saves the wrapped module's own
             keys and drops an ``_orig_mod.``/``module.`` prefix the live module does not have.
+        storage_options: For a URL ``path``: options of its fsspec filesystem.
 
     Example:
         >>> import torch, trainstate
@@ -136,7 +141,7 @@ def load(
         >>> trainstate.load("/tmp/ts-doc/plain")
         {'w': tensor([1., 1.]), 'step': 7}
     """
-    storage, name = split_path(path)
+    storage, name = split_path(path, storage_options)
     with CheckpointReader(storage, name) as reader:
         return restore(
             reader,
@@ -168,7 +173,7 @@ class Peek:
     state: dict[str, Any]
 
 
-def peek(path: str | os.PathLike[str]) -> Peek:
+def peek(path: str | os.PathLike[str], *, storage_options: StorageOptions | None = None) -> Peek:
     """Read a checkpoint's plain values and metadata without reading any tensor data.
 
     For building the live objects a checkpoint is then loaded into (a model from the config saved
@@ -181,7 +186,7 @@ def peek(path: str | os.PathLike[str]) -> Peek:
         >>> found.state["config"], found.state["w"].shape, found.step
         ({'width': 3}, torch.Size([2, 3]), 5)
     """
-    storage, name = split_path(path)
+    storage, name = split_path(path, storage_options)
     with CheckpointReader(storage, name) as reader:
         return peek_reader(reader)
 

@@ -40,9 +40,9 @@ def test_local_locations_resolve_to_local_storage(tmp_path):
 )
 def test_unsupported_scheme_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch, use):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=r"s3://bucket/run: storage scheme 's3' is not supported"):
-        use("s3://bucket/run")
-    assert os.listdir(tmp_path) == []  # no ./s3:/bucket/run
+    with pytest.raises(ValueError, match=r"nosuch://bucket(/run)?: storage scheme 'nosuch' is not supported"):
+        use("nosuch://bucket/run")
+    assert os.listdir(tmp_path) == []  # no ./nosuch:/bucket/run
 
 
 def test_cli_refuses_unsupported_schemes(tmp_path, monkeypatch):
@@ -51,7 +51,11 @@ def test_cli_refuses_unsupported_schemes(tmp_path, monkeypatch):
     from trainstate.cli.app import app
 
     monkeypatch.chdir(tmp_path)
-    for args in (["ls", "s3://bucket/run"], ["inspect", "gs://bucket/ckpt"], ["prune", "s3://b/r", "--keep-last", "1"]):
+    for args in (
+        ["ls", "nosuch://bucket/run"],
+        ["inspect", "gs://bucket/ckpt"],
+        ["prune", "nosuch://b/r", "--keep-last", "1"],
+    ):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 1 and "is not supported" in result.stderr, (args, result.stderr)
     assert os.listdir(tmp_path) == []

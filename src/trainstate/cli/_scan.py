@@ -17,9 +17,49 @@ from trainstate.format.codec import format_path
 from trainstate.format.tensorfile import HeaderEntry, dtype_from_name, stored_as
 from trainstate.manager import CheckpointInfo, KeepBest, parse_step_name
 from trainstate.manager.catalog import catalog_entry
-from trainstate.storage import QUARANTINE_DIR, TEMP_PREFIX, LocalStorage, Storage, local_path, split_path
+from trainstate.storage import (
+    QUARANTINE_DIR,
+    TEMP_PREFIX,
+    Storage,
+    local_path,
+    open_storage,
+    scheme_of,
+    split_path,
+)
 
-__all__ = ["Entry", "Scan", "open_checkpoint", "scan", "verify_entry"]
+__all__ = [
+    "Entry",
+    "Scan",
+    "open_checkpoint",
+    "reader_at",
+    "scan",
+    "set_storage_options",
+    "storage_at",
+    "storage_options",
+    "verify_entry",
+]
+
+_OPTIONS: dict[str, Any] = {}
+"""The ``--storage-option`` values of this invocation, for every URL it names."""
+
+
+def set_storage_options(options: dict[str, Any]) -> None:
+    _OPTIONS.clear()
+    _OPTIONS.update(options)
+
+
+def storage_options() -> dict[str, Any]:
+    return dict(_OPTIONS)
+
+
+def storage_at(directory: str) -> Storage:
+    """The storage of a directory path or URL (URLs get this invocation's storage options)."""
+    return open_storage(directory, _OPTIONS if scheme_of(directory) != "file" else None)
+
+
+def reader_at(path: str) -> CheckpointReader:
+    """A reader of the checkpoint at a path or URL."""
+    return CheckpointReader(*split_path(path, _OPTIONS if scheme_of(path) != "file" else None))
 
 
 @dataclass
@@ -104,11 +144,16 @@ def _entry(storage: Storage, name: str) -> Entry | None:
     found = catalog_entry(storage, name)
     if found is None or found.status == "vanished":
         return None
-    path = os.path.join(storage.root, name)
-    try:
-        mtime = os.lstat(path).st_mtime
-    except OSError:
+    path = storage.where(name)
+    if storage.remote:  # sizes from the manifest (no request per file), age from its creation time
+        size = sum(f.size for f in found.manifest.files) if found.manifest is not None else 0
         mtime = 0.0
+    else:
+        size = _disk_size(path)
+        try:
+            mtime = os.lstat(path).st_mtime
+        except OSError:
+            mtime = 0.0
     return Entry(
         name=name,
         path=path,
@@ -117,7 +162,7 @@ def _entry(storage: Storage, name: str) -> Entry | None:
         step=found.step,
         manifest=found.manifest,
         metadata=found.metadata,
-        size=_disk_size(path),
+        size=size,
         mtime=mtime,
     )
 
@@ -127,6 +172,8 @@ def scan(directory: str) -> Scan:
 
     Reads manifests only. Raises CheckpointNotFoundError if the directory does not exist.
     """
+    if scheme_of(directory) != "file":
+        return _scan_url(directory.rstrip("/"))
     directory = local_path(directory)
     if os.path.lexists(os.path.join(directory, MANIFEST_NAME)):
         storage, name = split_path(directory)
@@ -137,16 +184,33 @@ def scan(directory: str) -> Scan:
         raise CheckpointNotFoundError(f"{directory}: is a file, not a checkpoint directory")
     if not os.path.isdir(directory):
         raise CheckpointNotFoundError(f"{directory}: no such directory")
-    storage = LocalStorage(directory)
-    entries = [e for name in storage.list() if name != QUARANTINE_DIR and (e := _entry(storage, name)) is not None]
-    entries.sort(key=lambda e: (e.step is None, e.step or 0, e.name))
+    storage = storage_at(directory)
     leftovers = sorted(n for n in os.listdir(directory) if n.startswith(TEMP_PREFIX))
-    return Scan(directory, entries + _quarantined(directory), leftovers)
+    return Scan(directory, _entries(storage) + _quarantined(directory), leftovers)
+
+
+def _entries(storage: Storage) -> list[Entry]:
+    entries = [e for name in storage.list() if name != QUARANTINE_DIR and (e := _entry(storage, name)) is not None]
+    return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.name))
+
+
+def _scan_url(directory: str) -> Scan:
+    """`scan` of a URL: an object store has no directories, so "missing" is "nothing there"."""
+    parent, name = split_path(directory, _OPTIONS)
+    if parent.exists(name, MANIFEST_NAME):
+        entry = _entry(parent, name)
+        if entry is not None:
+            return Scan(directory, [entry], [], single=True)
+    storage = storage_at(directory)
+    found = _entries(storage) + _quarantined(directory)
+    if not found and not storage.list():
+        raise CheckpointNotFoundError(f"{directory}: nothing there (no such directory, bucket or checkpoint)")
+    return Scan(directory, found, [])
 
 
 def _quarantined(directory: str) -> list[Entry]:
     """Checkpoints that `CheckpointManager.restore` moved aside after they failed verification."""
-    aside = LocalStorage(os.path.join(directory, QUARANTINE_DIR))
+    aside = storage_at(f"{directory}/{QUARANTINE_DIR}")
     found = []
     for name in aside.list():
         entry = _entry(aside, name)
@@ -162,6 +226,13 @@ def _quarantined(directory: str) -> list[Entry]:
 
 def open_checkpoint(path: str) -> CheckpointReader:
     """A reader for the trainstate checkpoint at ``path``, with a hint when it is something else."""
+    if scheme_of(path) != "file":
+        parent, name = split_path(path, _OPTIONS)
+        if not parent.exists(name, MANIFEST_NAME) and storage_at(path.rstrip("/")).list():
+            raise CheckpointNotFoundError(
+                f"{path}: is a directory of checkpoints, not one checkpoint; name one of them"
+            )
+        return CheckpointReader(parent, name)
     full = local_path(path)
     if os.path.isfile(full):
         raise CheckpointNotFoundError(

@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
+from trainstate.cli._scan import reader_at, storage_at, storage_options
 from trainstate.cli._tree import TensorRef, children, leaves
 from trainstate.cli._ui import UI, Debug, Json, Quiet, command, fail, format_bytes, usage_error
 from trainstate.convert import SOURCE_KINDS, TORCH_SUFFIXES, detect_source, to_torch_file, to_trainstate
 from trainstate.errors import UnsupportedValueError
-from trainstate.format import CheckpointReader
-from trainstate.storage import local_path, split_path
+from trainstate.storage import local_path, scheme_of
 
 HELP = "Convert torch.save / Lightning / Hugging Face Trainer / DCP checkpoints to trainstate, or back to torch.save."
 EPILOG = f"""\
@@ -63,10 +63,16 @@ def convert(
     ui = UI(json_output=json_output, quiet=quiet)
     if trust_pickle:
         ui.warn(f"--trust-pickle: unpickling {src} fully; this runs any code the file contains")
-    kind = detect_source(src)
-    target = local_path(dst)
-    if os.path.lexists(target) and not force:
+    remote_src = scheme_of(src) != "file"
+    kind = "trainstate" if remote_src else detect_source(src)
+    target = local_path(dst) if kind == "trainstate" or scheme_of(dst) == "file" else dst.rstrip("/")
+    if kind == "trainstate" and os.path.lexists(target) and not force:
         fail(f"{target}: already exists (pass --force to replace it)")
+    if kind != "trainstate" and not force:
+        parent, _, name = target.rpartition("/")
+        if storage_at(parent or ".").exists(name):
+            fail(f"{target}: already exists (pass --force to replace it)")
+    shown_src = src if remote_src else os.path.abspath(src)
     if kind == "trainstate":
         if source is not None:
             usage_error(f"{src} is a trainstate checkpoint; --from applies to foreign sources", param="--from")
@@ -75,12 +81,12 @@ def convert(
                 f"{dst}: a trainstate checkpoint converts to a torch.save file; name it *.pt, *.pth, *.bin or *.ckpt"
             )
         with ui.progress(f"writing {dst}", None):
-            to_torch_file(src, target, overwrite=force)
+            to_torch_file(src, target, overwrite=force, storage_options=storage_options())
         size = os.path.getsize(target)
         if json_output:
-            ui.emit_json({"source": "trainstate", "src": os.path.abspath(src), "dst": target, "bytes": size})
+            ui.emit_json({"source": "trainstate", "src": shown_src, "dst": target, "bytes": size})
         else:
-            ui.print(f"converted trainstate checkpoint {os.path.abspath(src)} -> {target} ({format_bytes(size)})")
+            ui.print(f"converted trainstate checkpoint {shown_src} -> {target} ({format_bytes(size)})")
         return
     if target.endswith(TORCH_SUFFIXES) and os.path.splitext(target)[1]:
         ui.warn(f"{dst}: writing a trainstate checkpoint directory (despite the file suffix)")
@@ -95,10 +101,11 @@ def convert(
                 exclude=list(exclude or []),
                 overwrite=force,
                 progress=lambda text: advance(0, description=text),
+                storage_options=storage_options() if scheme_of(target) != "file" else None,
             )
         except UnsupportedValueError as exc:
             fail(f"{exc.args[0].split('; ')[0]}; leave it out with --exclude KEY")
-    with CheckpointReader(*split_path(target)) as reader:
+    with reader_at(target) as reader:
         refs = [v for _, v in leaves(reader.manifest.tree, where=reader.where) if isinstance(v, TensorRef)]
         keys = [str(k) for k, _ in children(reader.manifest.tree) or []]
         nbytes = sum(f.size for f in reader.manifest.files)

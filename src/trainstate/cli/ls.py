@@ -9,10 +9,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from trainstate.cli._scan import Entry, Scan, scan, verify_entry
+from trainstate.cli._scan import Entry, Scan, reader_at, scan, verify_entry
 from trainstate.cli._ui import UI, Better, Debug, Json, Mode, Quiet, command, format_age, format_bytes, format_number
-from trainstate.format import CheckpointReader
-from trainstate.storage import split_path
 
 HELP = "List the checkpoints of a directory: step, epoch, metrics, size, age, status, latest and best."
 EPILOG = """\
@@ -49,7 +47,7 @@ def _verify(found: Scan, ui: UI) -> None:
     total = sum(sum(f.size for f in e.manifest.files) for e in entries if e.manifest is not None)
     with ui.progress("verifying", total) as advance:
         for entry in entries:
-            with CheckpointReader(*split_path(entry.path)) as reader:
+            with reader_at(entry.path) as reader:
                 problems = verify_entry(reader, advance)
             if problems:
                 entry.status, entry.problem = "corrupt", problems[0]

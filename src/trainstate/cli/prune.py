@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from trainstate.cli._scan import scan
+from trainstate.cli._scan import scan, storage_at
 from trainstate.cli._ui import (
     UI,
     Better,
@@ -25,7 +24,7 @@ from trainstate.cli._ui import (
 )
 from trainstate.manager import parse_step_name
 from trainstate.manager.policies import CheckpointInfo, KeepBest, KeepEvery, KeepLast, Retention
-from trainstate.storage import QUARANTINE_DIR, LocalStorage
+from trainstate.storage import QUARANTINE_DIR
 
 HELP = "Delete the checkpoints of a manager directory that a retention policy does not keep."
 EPILOG = """\
@@ -102,7 +101,7 @@ def prune(
     found = scan(directory)
     if found.single:
         fail(f"{found.directory}: is one checkpoint; prune takes the directory that holds the checkpoints")
-    storage = LocalStorage(found.directory)
+    storage = storage_at(found.directory)
     if not dry_run:
         storage.lock(timeout=wait)  # CheckpointLockedError while a manager is saving here
     try:
@@ -143,7 +142,7 @@ def prune(
                 }
             )
         if not dry_run:
-            quarantine = LocalStorage(os.path.join(found.directory, QUARANTINE_DIR))
+            quarantine = storage_at(f"{found.directory}/{QUARANTINE_DIR}")
             for row in rows:
                 if row["action"] == "delete" and row["name"].startswith(f"{QUARANTINE_DIR}/"):
                     quarantine.delete(row["name"].partition("/")[2])

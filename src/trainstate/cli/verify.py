@@ -7,11 +7,9 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from trainstate.cli._scan import Entry, scan, verify_entry
+from trainstate.cli._scan import Entry, reader_at, scan, verify_entry
 from trainstate.cli._ui import UI, Debug, Json, Quiet, command, fail, format_bytes
 from trainstate.errors import CheckpointError
-from trainstate.format import CheckpointReader
-from trainstate.storage import split_path
 
 HELP = "Check every file of checkpoints: sizes, safetensors headers, content hashes, tensor keys."
 EPILOG = """\
@@ -54,7 +52,7 @@ def verify(
             if not problems:
                 advance(0, description=f"verifying {entry.name}")
                 try:
-                    with CheckpointReader(*split_path(entry.path)) as reader:
+                    with reader_at(entry.path) as reader:
                         problems = verify_entry(reader, advance)
                 except CheckpointError as exc:  # the manifest changed or vanished since the scan
                     problems = [str(exc)]

@@ -34,7 +34,7 @@ from trainstate.convert.unpickle import load_torch_file
 from trainstate.errors import CheckpointExistsError, CheckpointNotFoundError, UnsupportedFormatError
 from trainstate.format.manifest import MANIFEST_NAME
 from trainstate.format.reader import CheckpointReader
-from trainstate.storage import atomic_write_file, local_path, split_path
+from trainstate.storage import StorageOptions, atomic_write_file, local_path, scheme_of, split_path
 
 __all__ = [
     "SOURCE_KINDS",
@@ -111,8 +111,10 @@ def to_trainstate(
     exclude: Sequence[str] = (),
     overwrite: bool = False,
     progress: Progress | None = None,
+    storage_options: StorageOptions | None = None,
 ) -> Source:
-    """Convert a foreign checkpoint at ``src`` into a trainstate checkpoint directory at ``dst``.
+    """Convert a foreign checkpoint at ``src`` into a trainstate checkpoint directory at ``dst``
+    (a path, or a URL with ``storage_options``).
 
     ``exclude`` drops entries by dotted key-path glob (e.g. ``"lightning.callbacks"``). Returns
     the `Source` that was written (its ``state`` after exclusion). See `read_source` for the rest.
@@ -124,8 +126,9 @@ def to_trainstate(
         >>> trainstate.load("/tmp/ts-doc-converted")["epoch"]
         3
     """
-    target = local_path(dst)
-    if os.path.lexists(target) and not overwrite:
+    target = local_path(dst) if scheme_of(dst) == "file" else os.fspath(dst)
+    storage, name = split_path(target, storage_options)
+    if storage.exists(name) and not overwrite:
         raise CheckpointExistsError(f"{target}: already exists (pass overwrite=True, CLI: --force, to replace it)")
     source = read_source(src, kind=kind, trust_pickle=trust_pickle, native=native, progress=progress)
     source.state = _drop(source.state, exclude)
@@ -134,14 +137,20 @@ def to_trainstate(
         metadata["source"]["wrapped"] = metadata.pop("wrapped")
     if progress:
         progress(f"writing {target}")
-    save(target, source.state, metadata=metadata, overwrite=overwrite)
+    save(target, source.state, metadata=metadata, overwrite=overwrite, storage_options=storage_options)
     return source
 
 
 def to_torch_file(
-    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False, verify: bool = True
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    verify: bool = True,
+    storage_options: StorageOptions | None = None,
 ) -> Any:
-    """Write the trainstate checkpoint ``src`` as one ``torch.save`` file at ``dst`` (atomically).
+    """Write the trainstate checkpoint ``src`` (a path, or a URL with ``storage_options``) as one
+    ``torch.save`` file at the local path ``dst`` (atomically).
 
     The file holds what `trainstate.load` returns (plain nested data); a checkpoint converted from a
     bare tensor or list gets that object back. Returns the saved object.
@@ -155,9 +164,9 @@ def to_torch_file(
     target = local_path(dst)
     if os.path.lexists(target) and not overwrite:
         raise CheckpointExistsError(f"{target}: already exists (pass overwrite=True, CLI: --force, to replace it)")
-    with CheckpointReader(*split_path(src)) as reader:
+    with CheckpointReader(*split_path(src, storage_options)) as reader:
         metadata = reader.metadata()
-    state = load(src, verify=verify)
+    state = load(src, verify=verify, storage_options=storage_options)
     source = metadata.get("source") if isinstance(metadata, dict) else None
     wrapped = source.get("wrapped") if isinstance(source, dict) else None
     obj = state[wrapped] if isinstance(wrapped, str) and wrapped in state else state

@@ -89,7 +89,9 @@ def execute_load(plan: LoadPlan, reader: CheckpointReader, *, verify: bool = Tru
     verified before the first byte lands in one, so a damaged checkpoint never leaves a live object
     half-restored: files holding only fresh tensors are hashed while they are read (one pass);
     files with live targets are hashed first and read after everything else verified (two passes,
-    the second from the page cache).
+    the second from the page cache). From an object store, where a second pass is a second
+    download, such files are read once into staging tensors and copied into the live ones after
+    every file verified.
     """
     names = [e.name for e in reader.manifest.files if e.name in plan.by_file]
     if not verify:
@@ -97,6 +99,19 @@ def execute_load(plan: LoadPlan, reader: CheckpointReader, *, verify: bool = Tru
         return
     live = [n for n in names if any(item.in_place for item in plan.by_file[n].values())]
     fresh = [n for n in names if n not in live]
+    if reader.storage.remote and live:
+        staged = LoadPlan()
+        pairs = []
+        for item in (i for n in live for i in plan.by_file[n].values()):
+            copy = staged.add(ReadItem(item.file, item.key, item.start, item.end, torch.empty_like(item.target), False))
+            pairs.append((item, copy))
+        _each(fresh, lambda name: _read_file(plan, reader, name, verify=True))
+        _each(live, lambda name: _read_file(staged, reader, name, verify=True))
+        for item, copy in pairs:
+            item.target.copy_(copy.target)
+            for final in item.finals:
+                final.copy_(item.target)
+        return
     _each(live, lambda name: reader.verify_file(reader.file(name, where="file list")))
     _each(fresh, lambda name: _read_file(plan, reader, name, verify=True))
     _each(live, lambda name: _read_file(plan, reader, name, verify=False))

@@ -43,7 +43,7 @@ class CheckpointReader:
     def __init__(self, storage: Storage, name: str) -> None:
         self.storage = storage
         self.name = name
-        self.where = os.path.join(storage.root, name)
+        self.where = storage.where(name)
         self._handles: dict[str, ReadableFile] | None = None
         self._handles_lock = threading.Lock()
         if not storage.exists(name):
@@ -157,7 +157,11 @@ class CheckpointReader:
 
 
 def _opened_size(f: ReadableFile, by_name: Callable[[], int]) -> int:
-    """The size of the file behind ``f`` (fstat, immune to a rename under us), else by its name."""
+    """The size of the file behind ``f`` (fstat, immune to a rename under us; an object store's file
+    knows it from opening), else by its name."""
+    known = getattr(f, "size", None)
+    if type(known) is int:
+        return known
     try:
         return os.fstat(f.fileno()).st_size  # type: ignore[attr-defined]
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both

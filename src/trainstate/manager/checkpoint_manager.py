@@ -51,7 +51,8 @@ from trainstate.manager.policies import (
 )
 from trainstate.manager.preemption import PreemptionHandler
 from trainstate.manager.snapshot import Direct, HostCopy, Stager
-from trainstate.storage import Storage, open_storage
+from trainstate.manager.tiered import RemoteTier
+from trainstate.storage import LocalStorage, Storage, StorageOptions, open_storage
 
 __all__ = ["CheckpointManager", "SaveHandle"]
 
@@ -141,6 +142,14 @@ class CheckpointManager:
         retain: Your own retention policies (anything with ``keep(infos) -> set of steps``, see
             `RetentionPolicy`), kept in the union with the others (ignored with ``keep_last=None``,
             which keeps everything).
+        remote: Tiered mode: ``directory`` is fast local disk and every committed checkpoint is then
+            uploaded here (a URL such as ``s3://bucket/run``, or a `Storage`) in the background. The
+            retention options above apply to the remote copies; ``keep_local`` newest checkpoints
+            (and any not uploaded yet) stay local. `restore` takes the newest checkpoint that
+            verifies, local or remote; uploads a crash interrupted are redone by the next writer.
+        keep_local: How many newest checkpoints tiered mode keeps on local disk.
+        storage_options: Options of the fsspec filesystem of a URL ``directory`` or ``remote``
+            (credentials, ``endpoint_url``, ...).
 
     Example:
         >>> import torch, trainstate
@@ -169,6 +178,9 @@ class CheckpointManager:
         preemption_signals: Iterable[signal.Signals | int] | None = None,
         lock_timeout: float = 30.0,
         retain: Iterable[RetentionPolicy] = (),
+        remote: str | os.PathLike[str] | Storage | None = None,
+        keep_local: int = 2,
+        storage_options: StorageOptions | None = None,
     ) -> None:
         _check_options(keep_last, keep_best, monitor, mode, keep_every, every_n_steps, every_n_seconds, early_stopping)
         # A ValueError for a scheme this trainstate cannot write; a Storage object is used as it is.
@@ -179,10 +191,18 @@ class CheckpointManager:
         if self._world is not None and async_save:
             logger.warning("async_save is not coordinated across ranks yet: distributed saves are synchronous")
             async_save = False
-        self._storage = directory if isinstance(directory, Storage) else open_storage(directory)
+        self._storage = _storage(directory, storage_options)
         self.directory = self._storage.root
-        if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
+        if (
+            isinstance(self._storage, LocalStorage)
+            and os.path.lexists(self.directory)
+            and not os.path.isdir(self.directory)
+        ):
             raise CheckpointWriteError(f"{self.directory}: exists and is not a directory")
+        if remote is not None and (type(keep_local) is not int or keep_local < 1):
+            raise ValueError(f"keep_local={keep_local!r}: tiered mode keeps at least the newest checkpoint locally")
+        if remote is not None and self._world is not None:
+            raise ValueError(f"{self.directory}: tiered mode (remote=) is not supported under torchrun yet")
         self.monitor, self.mode = monitor, mode
         self.async_save = async_save
         self.early_stopping = early_stopping
@@ -197,6 +217,12 @@ class CheckpointManager:
             policies += [KeepEvery(keep_every)] if keep_every else []
             policies += extra
         self._retention = Retention(tuple(policies))
+        self._keep_local = keep_local
+        self._tier = (
+            None
+            if remote is None
+            else RemoteTier(self._storage, _storage(remote, storage_options), self._retention, self._prune_local)
+        )
         self._trigger = SaveTrigger(every_n_steps, every_n_seconds)
         self._lock_timeout = lock_timeout
         self._locked = False
@@ -213,14 +239,27 @@ class CheckpointManager:
         self._closed = False
         self._pid = os.getpid()
         self._scan()
+        if self._tier is not None:
+            self._tier.scan()
         if self._preemption is not None:
             self._preemption.install()
 
     # ----------------------------------------------------------------- queries
     def steps(self) -> list[int]:
-        """Steps of all committed checkpoints, ascending."""
+        """Steps of all committed checkpoints, ascending (in tiered mode: local or remote)."""
         with self._index_lock:
-            return sorted(self._index)
+            local = set(self._index)
+        return sorted(local | set(self._tier.steps() if self._tier is not None else ()))
+
+    def _infos(self) -> list[CheckpointInfo]:
+        with self._index_lock:
+            infos = dict(self._index)
+        tier = self._tier
+        for step in tier.steps() if tier is not None else ():
+            info = tier.info(step) if tier is not None else None
+            if info is not None:
+                infos.setdefault(step, info)
+        return list(infos.values())
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
@@ -231,8 +270,7 @@ class CheckpointManager:
         """The committed step with the best ``monitor`` value (older wins ties), or None."""
         if self.monitor is None:
             return None
-        with self._index_lock:
-            best = KeepBest(1, self.monitor, self.mode).keep(list(self._index.values()))
+        best = KeepBest(1, self.monitor, self.mode).keep(self._infos())
         return next(iter(best), None)
 
     def path(self, step: int) -> str:
@@ -241,8 +279,7 @@ class CheckpointManager:
 
     def metrics(self, step: int) -> dict[str, float]:
         """The metrics saved with ``step``; raises CheckpointNotFoundError if it is not committed."""
-        with self._index_lock:
-            info = self._index.get(step)
+        info = next((i for i in self._infos() if i.step == step), None)
         if info is None:
             raise CheckpointNotFoundError(f"{self.path(step)}: no committed checkpoint for step {step}")
         return dict(info.metrics)
@@ -250,9 +287,10 @@ class CheckpointManager:
     def metadata(self, step: int) -> dict[str, Any]:
         """The metadata saved with ``step`` (``save(metadata=...)`` plus step and metrics), read from
         its manifest; raises CheckpointNotFoundError if it is not committed."""
-        if step not in self.steps():
+        sources = self._sources(step)
+        if not sources:
             raise CheckpointNotFoundError(f"{self.path(step)}: no committed checkpoint for step {step}")
-        metadata = CheckpointReader(self._storage, step_name(step)).metadata()
+        metadata = CheckpointReader(sources[0], step_name(step)).metadata()
         return dict(metadata) if isinstance(metadata, dict) else {}
 
     def peek(self) -> Peek | None:
@@ -264,7 +302,7 @@ class CheckpointManager:
             self._scan()
             for candidate in reversed(self.steps()):
                 try:
-                    with CheckpointReader(self._storage, step_name(candidate)) as reader:
+                    with CheckpointReader(self._sources(candidate)[0], step_name(candidate)) as reader:
                         return peek_reader(reader)
                 except CheckpointNotFoundError:
                     break  # removed meanwhile (a concurrent writer's retention): scan again
@@ -395,10 +433,14 @@ class CheckpointManager:
 
     def _committed(self, step: int, metrics: dict[str, float]) -> None:
         """Index a committed step, then delete what retention no longer keeps (rank 0 deletes; every
-        rank's index follows)."""
+        rank's index follows). In tiered mode: queue its upload, and keep locally the newest
+        ``keep_local`` and whatever is not uploaded yet."""
         with self._index_lock:
             self._index[step] = CheckpointInfo(step, metrics)
-            doomed = self._retention.to_delete(list(self._index.values()))
+            doomed = self._retention.to_delete(list(self._index.values())) if self._tier is None else []
+        if self._tier is not None:
+            self._tier.submit(CheckpointInfo(step, metrics))
+            self._prune_local()
         if not self._coordinator:
             with self._index_lock:
                 for old in doomed:
@@ -413,6 +455,21 @@ class CheckpointManager:
             with self._index_lock:
                 self._index.pop(old, None)
             logger.info("%s: removed step %d (retention)", self.directory, old)
+
+    def _prune_local(self) -> None:
+        """Tiered mode: delete local checkpoints beyond the newest ``keep_local`` once uploaded."""
+        assert self._tier is not None
+        with self._index_lock:
+            newest = sorted(self._index)[-self._keep_local :]
+            doomed = [s for s in sorted(self._index) if s not in newest and self._tier.uploaded(s)]
+        for old in doomed:
+            try:
+                self._storage.delete(step_name(old))
+            except CheckpointError as exc:
+                logger.warning("%s: could not remove the uploaded step %d: %s", self.directory, old, exc)
+                continue
+            with self._index_lock:
+                self._index.pop(old, None)
 
     @property
     def in_flight(self) -> SaveHandle | None:
@@ -458,17 +515,19 @@ class CheckpointManager:
             return self._restore_step(step, state, map_location=map_location, strict=strict, rename=rename)
         if self._world is not None:
             return self._restore_agreed(state, map_location=map_location, strict=strict, rename=rename)
-        damaged: dict[str, str] = {}  # name -> why it was skipped
+        damaged: dict[tuple[Storage, str], str] = {}  # (where, name) -> why it was skipped
         restored = None
         for _ in range(_MAX_RESCANS):
             vanished = self._scan()
-            for name in self._broken:
-                logger.warning("%s: skipping %s: no valid committed manifest", self.directory, name)
-                damaged.setdefault(name, "no valid committed manifest")
+            if self._tier is not None:
+                self._tier.scan()
+            for storage, name in self._broken_names():
+                logger.warning("%s: skipping %s: no valid committed manifest", storage.root, name)
+                damaged.setdefault((storage, name), "no valid committed manifest")
             for candidate in reversed(self.steps()):
                 try:
                     restored = self._restore_step(
-                        candidate, state, map_location=map_location, strict=strict, rename=rename
+                        candidate, state, map_location=map_location, strict=strict, rename=rename, damaged=damaged
                     )
                     break
                 except CheckpointNotFoundError as exc:
@@ -476,13 +535,27 @@ class CheckpointManager:
                     logger.warning("%s: skipping step %d: %s", self.directory, candidate, exc)
                 except _SKIPPABLE as exc:
                     logger.warning("%s: skipping step %d: %s", self.directory, candidate, exc)
-                    damaged[step_name(candidate)] = str(exc)
             if restored is not None or not vanished:
                 break
-        newer = [n for n in damaged if (parse_step_name(n) or -1) > (-1 if restored is None else restored)]
-        if newer:
-            self._quarantine(newer)
+        floor = -1 if restored is None else restored
+        newer = [(storage, n) for storage, n in damaged if (parse_step_name(n) or -1) > floor]
+        for storage in {storage for storage, _ in newer}:
+            self._quarantine([n for where, n in newer if where is storage], storage)
         return restored
+
+    def _broken_names(self) -> list[tuple[Storage, str]]:
+        found = [(self._storage, name) for name in self._broken]
+        if self._tier is not None:
+            found += [(self._tier.remote, name) for name in self._tier.broken]
+        return found
+
+    def _sources(self, step: int) -> list[Storage]:
+        """Where ``step`` is committed, fastest first (local disk, then the remote tier)."""
+        with self._index_lock:
+            here = [self._storage] if step in self._index else []
+        if self._tier is not None and self._tier.info(step) is not None:
+            here.append(self._tier.remote)
+        return here
 
     def _restore_agreed(
         self, state: Mapping[str, Any], *, map_location: MapLocation, strict: bool, rename: Rename | None
@@ -520,19 +593,19 @@ class CheckpointManager:
             break
         newer = [n for n in damaged if (parse_step_name(n) or -1) > (-1 if restored is None else restored)]
         if newer and self._coordinator:
-            self._quarantine(newer)
+            self._quarantine(newer, self._storage)
         dist.barrier()
         if newer:
             self._scan()
         return restored
 
-    def _quarantine(self, names: list[str]) -> None:
+    def _quarantine(self, names: list[str], storage: Storage) -> None:
         """Move damaged checkpoints newer than the restored one aside, so that the run continues from
         the restored step: saves, retention and `latest_step` then no longer see them."""
         took_lock = not self._locked
         if took_lock:
             try:
-                self._storage.lock(timeout=0)
+                storage.lock(timeout=0)
             except CheckpointLockedError:
                 logger.warning(
                     "%s: cannot move the damaged checkpoints %s aside: another writer holds the lock",
@@ -543,7 +616,7 @@ class CheckpointManager:
         try:
             for name in sorted(names):
                 try:
-                    moved = self._storage.quarantine(name)
+                    moved = storage.quarantine(name)
                 except CheckpointError as exc:
                     logger.warning("%s: %s", self.directory, exc)
                     continue
@@ -556,13 +629,52 @@ class CheckpointManager:
                 )
         finally:
             if took_lock:
-                self._storage.unlock()
+                storage.unlock()
         self._scan()
+        if self._tier is not None:
+            self._tier.scan()
 
     def _restore_step(
-        self, step: int, state: Mapping[str, Any], *, map_location: MapLocation, strict: bool, rename: Rename | None
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        map_location: MapLocation,
+        strict: bool,
+        rename: Rename | None,
+        damaged: dict[tuple[Storage, str], str] | None = None,
     ) -> int:
-        with CheckpointReader(self._storage, step_name(step)) as reader:
+        """Restore ``step`` from the first of its copies that verifies; a damaged copy is recorded in
+        ``damaged`` and the next copy tried."""
+        sources = self._sources(step) or [self._storage]
+        for index, storage in enumerate(sources):
+            try:
+                return self._restore_from(storage, step, state, map_location=map_location, strict=strict, rename=rename)
+            except _SKIPPABLE as exc:
+                if damaged is not None:
+                    damaged[(storage, step_name(step))] = str(exc)
+                if index == len(sources) - 1:
+                    raise
+                logger.warning(
+                    "%s: step %d is damaged there (%s); restoring its copy in %s",
+                    storage.root,
+                    step,
+                    exc,
+                    sources[index + 1].root,
+                )
+        raise AssertionError("unreachable")
+
+    def _restore_from(
+        self,
+        storage: Storage,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        map_location: MapLocation,
+        strict: bool,
+        rename: Rename | None,
+    ) -> int:
+        with CheckpointReader(storage, step_name(step)) as reader:
             self._compare_environment(reader, state)
             # Verified while read (each byte once), every file before any byte lands in a live object.
             loaded = restore_checkpoint(
@@ -598,9 +710,31 @@ class CheckpointManager:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
+            if self._tier is not None:
+                self._tier.close()
             if self._preemption is not None:
                 self._preemption.uninstall()
             self._storage.unlock()
+            if self._tier is not None:
+                self._tier.remote.unlock()
+        self._raise_upload_failures()
+
+    def wait_for_uploads(self) -> None:
+        """Tiered mode: block until every checkpoint committed so far is uploaded (or failed to be);
+        raises CheckpointWriteError naming the steps that are not uploaded (they stay local)."""
+        self.wait()
+        if self._tier is not None:
+            self._tier.wait()
+            self._raise_upload_failures()
+
+    def _raise_upload_failures(self) -> None:
+        failed = self._tier.failures() if self._tier is not None else {}
+        if failed:
+            step, exc = max(failed.items())
+            raise CheckpointWriteError(
+                f"{self._tier.remote.root if self._tier else ''}: step(s) {sorted(failed)} are not uploaded (they are "
+                f"kept in {self.directory}); the last error: {exc}"
+            )
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -629,8 +763,21 @@ class CheckpointManager:
             if self._coordinator:  # under torchrun rank 0 writes for all: it alone holds the lock
                 self._storage.lock(timeout=self._lock_timeout)
                 self._storage.cleanup()
+                if self._tier is not None:
+                    try:
+                        self._tier.remote.lock(timeout=self._lock_timeout)
+                    except BaseException:
+                        self._storage.unlock()
+                        raise
+                    self._tier.remote.cleanup()
             self._locked = True
             self._scan()  # another writer may have committed while we were not holding the lock
+            if self._tier is not None:  # redo the uploads a crash interrupted
+                self._tier.scan()
+                with self._index_lock:
+                    local = list(self._index.values())
+                for info in self._tier.missing(sorted(local, key=lambda i: i.step)):
+                    self._tier.submit(info)
 
     def _scan(self) -> bool:
         """Rebuild the index from the catalog of committed manifests; True if a checkpoint vanished
@@ -696,6 +843,14 @@ class CheckpointManager:
         for key in ("world_size", "cuda_device_count", "dataloader_workers"):
             if key in saved and saved[key] != current[key]:
                 logger.warning("%s: %s was %s when saved, is %s now", reader.where, key, saved[key], current[key])
+
+
+def _storage(location: str | os.PathLike[str] | Storage, options: StorageOptions | None) -> Storage:
+    if isinstance(location, Storage):
+        return location
+    from trainstate.storage import scheme_of
+
+    return open_storage(location, options if scheme_of(location) != "file" else None)
 
 
 def _agree_any(*flags: bool) -> tuple[bool, ...]:

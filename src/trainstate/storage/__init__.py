@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
 
 from trainstate.storage.base import (
     MANIFEST_NAME,
@@ -16,14 +17,17 @@ from trainstate.storage.base import (
     check_name,
 )
 from trainstate.storage.local import LocalStorage, atomic_write_file
+from trainstate.storage.objectstore import ObjectStorage
 
 __all__ = [
     "MANIFEST_NAME",
     "QUARANTINE_DIR",
     "TEMP_PREFIX",
     "LocalStorage",
+    "ObjectStorage",
     "PendingCheckpoint",
     "Storage",
+    "StorageOptions",
     "atomic_write_file",
     "check_checkpoint_name",
     "check_name",
@@ -35,8 +39,7 @@ __all__ = [
 
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-_BACKENDS: dict[str, Callable[[str], Storage]] = {"file": LocalStorage}
-"""URL scheme -> the Storage for a directory at that location (object stores register here)."""
+StorageOptions = Mapping[str, Any]
 
 
 def scheme_of(location: str | os.PathLike[str]) -> str:
@@ -58,30 +61,34 @@ def local_path(location: str | os.PathLike[str]) -> str:
     return os.path.abspath(text[len("file://") :] if _SCHEME.match(text) else text)
 
 
-def open_storage(location: str | os.PathLike[str]) -> Storage:
-    """The storage backend for the directory at ``location`` (a path or URL), chosen by its scheme."""
+def open_storage(location: str | os.PathLike[str], storage_options: StorageOptions | None = None) -> Storage:
+    """The storage backend for the directory at ``location``: `LocalStorage` for a path or
+    ``file://`` URL (the native fast path), `ObjectStorage` over fsspec for any other URL
+    (``s3://bucket/run``, ``memory://run``), given ``storage_options``."""
     text = os.fspath(location)
-    scheme = scheme_of(text)
-    factory = _BACKENDS.get(scheme)
-    if factory is None:
-        raise _unsupported(text, scheme)
-    return factory(local_path(text) if scheme == "file" else text)
+    if scheme_of(text) == "file":
+        if storage_options:
+            raise ValueError(f"{text}: storage_options apply to URLs (s3://...), not to local paths")
+        return LocalStorage(local_path(text))
+    return ObjectStorage(text, storage_options)
 
 
 def _unsupported(text: str, scheme: str) -> ValueError:
-    supported = ", ".join(f"{s}://" for s in sorted(_BACKENDS))
-    return ValueError(
-        f"{text}: storage scheme {scheme!r} is not supported by this trainstate "
-        f"(supported: local paths, {supported}); nothing was read or written"
-    )
+    return ValueError(f"{text}: a local path is needed here, not a {scheme}:// URL; nothing was read or written")
 
 
-def split_path(path: str | os.PathLike[str]) -> tuple[Storage, str]:
+def split_path(path: str | os.PathLike[str], storage_options: StorageOptions | None = None) -> tuple[Storage, str]:
     """Split a checkpoint path (or URL) into the storage of its parent and its own name.
 
     >>> storage, name = split_path("/tmp/run/step_10")
     >>> storage.root, name
     ('/tmp/run', 'step_10')
     """
-    absolute = local_path(path)
-    return open_storage(os.path.dirname(absolute)), os.path.basename(absolute)
+    text = os.fspath(path)
+    if scheme_of(text) == "file":
+        absolute = local_path(text)
+        return open_storage(os.path.dirname(absolute), storage_options), os.path.basename(absolute)
+    parent, _, name = text.rstrip("/").rpartition("/")
+    if not name or parent.endswith(":/"):
+        raise ValueError(f"{text}: name a checkpoint inside a bucket or directory (e.g. s3://bucket/run/ckpt)")
+    return open_storage(parent, storage_options), name

@@ -128,6 +128,8 @@ class Storage(ABC):
     """A directory that holds checkpoints, each a sub-directory of plain files."""
 
     root: str
+    remote: bool = False
+    """Whether reading a byte again costs another transfer (an object store), not a page-cache hit."""
 
     @abstractmethod
     def begin(self, name: str, *, overwrite: bool = True) -> PendingCheckpoint:
