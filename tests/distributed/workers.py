@@ -307,3 +307,21 @@ def managed(rank: int, world: int, directory: str) -> None:
             "optimizer": _same_optimizer(states[4][1], got[1]),
         },
     )
+
+
+def s3_sharded(rank: int, world: int, url: str, endpoint: str, directory: str) -> None:
+    """An FSDP2 save to an s3:// URL (one transaction joined by every rank), restored into fresh objects."""
+    from s3support import options
+
+    model, optimizer, scheduler = build(world)
+    for _ in range(2):
+        step(model, optimizer, scheduler)
+    trainstate.save(url, {"model": model, "optimizer": optimizer, "step": 2}, storage_options=options(endpoint))
+    full = full_state(model, optimizer)
+    if rank == 0:
+        torch.save(full, f"{directory}/full.pt")
+    model2, optimizer2, _ = build(world, seed=5)
+    out = trainstate.load(url, {"model": model2, "optimizer": optimizer2}, storage_options=options(endpoint))
+    again = full_state(model2, optimizer2)
+    same = all(torch.equal(a, b) for a, b in zip(full[0].values(), again[0].values(), strict=True))
+    Path(f"{directory}/rank{rank}.json").write_text(json.dumps({"same": same, "step": out["step"]}))

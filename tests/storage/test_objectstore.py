@@ -106,6 +106,7 @@ def test_manager_retention_restore_and_fallback_past_a_damaged_checkpoint(s3_run
     assert any(k.startswith("trainstate-quarantine/step_00000004@") for k in _keys(s3_endpoint, url))
 
 
+@pytest.mark.slow
 def test_racing_writers_exactly_one_wins_and_the_checkpoint_is_the_winners(s3_endpoint):
     bucket = new_bucket(s3_endpoint)
     url = f"s3://{bucket}/run/ckpt"
@@ -313,3 +314,42 @@ def test_no_overwrite_and_not_a_checkpoint_are_refused(s3_run, s3_endpoint):
     with pytest.raises(CheckpointExistsError, match="is not a trainstate checkpoint"):
         trainstate.save(f"{url}/logs", {"w": torch.zeros(1)}, storage_options=opts)
     assert torch.equal(trainstate.load(f"{url}/ckpt", storage_options=opts)["w"], torch.ones(1))
+
+
+@pytest.mark.slow
+def test_a_two_rank_fsdp2_save_commits_once_on_s3_and_reshards_to_one_process(tmp_path, s3_run, s3_endpoint):
+    import json
+
+    import workers_path  # noqa: F401 - puts tests/distributed on sys.path
+    import workers
+
+    url, opts = s3_run
+    assert workers.launch(workers.s3_sharded, 2, f"{url}/ckpt", s3_endpoint, str(tmp_path)) == [0, 0]
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"same": True, "step": 2}
+    names = [k for k in _keys(s3_endpoint, url) if not k.endswith(".trainstate-writer")]
+    assert names[-1] == "ckpt/manifest.json" and len({k.split("/")[1] for k in names[:-1]}) == 1  # one attempt
+    model_full, _ = torch.load(tmp_path / "full.pt")
+    single = trainstate.load(f"{url}/ckpt", storage_options=opts)
+    assert_same(dict(single["model"]), dict(model_full))
+
+
+def test_a_live_lease_is_renewed_past_its_ttl_and_a_lost_one_stops_commits(s3_run, s3_endpoint):
+    import time
+
+    url, opts = s3_run
+    holder = CheckpointManager(ObjectStorage(url, opts, lease_ttl=1.5), keep_last=None)
+    holder.save(1, _state(1))
+    time.sleep(4)  # what is tested is time itself: more than two ttls without a save
+    rival = ObjectStorage(url, opts, lease_ttl=1.5)
+    with pytest.raises(CheckpointLockedError):
+        rival.lock(timeout=0)  # renewed in the background: never expired
+    bucket, prefix = _bucket_of(url)
+    client(s3_endpoint).put_object(Bucket=bucket, Key=f"{prefix}/.trainstate-lease", Body=b'{"token": "intruder"}')
+    deadline = time.monotonic() + 30
+    while not holder._storage._lease._lost and time.monotonic() < deadline:  # the next renewal notices
+        time.sleep(0.05)
+    with pytest.raises(CheckpointLockedError, match="lost its lease"):
+        holder.save(2, _state(2))
+    assert holder.steps() == [1]
+    holder.close()

@@ -66,7 +66,7 @@ WRITER_MARK = ".trainstate-writer"
 date it before any data file is complete)."""
 
 _ATTEMPT = re.compile(r"\.trainstate-attempt-([0-9a-f]{12}|x)-[0-9a-f]{12}")
-_ENVELOPE = re.compile(rb'\{"trainstate_data": "(\.trainstate-attempt-(?:[0-9a-f]{12}|x)-[0-9a-f]{12})", ')
+_ENVELOPE = re.compile(rb'\{"trainstate_data": "(\.trainstate-attempt-(?:[0-9a-f]{12}|x)-[0-9a-f]{12})"(?:, )?')
 
 # Attempts being written by this process (keyed by their full prefix): never anyone's leftovers.
 _ACTIVE: set[str] = set()
@@ -437,7 +437,6 @@ class ObjectStorage(Storage):
             blobs = self._blobs()
             names = self._names()
             uploads = blobs.uploads(self._key() + "/")
-            holder = self._current_lease_token()
         except (OSError, CheckpointError) as exc:
             logger.warning("%s: cleanup skipped: %s", self.root, exc)
             return []
@@ -448,6 +447,10 @@ class ObjectStorage(Storage):
                 key = (parts[0], parts[1])
                 ages[key] = min(ages.get(key, upload.age), upload.age)
         published: dict[str, str | None] = {}
+        per_name: dict[str, int] = {}
+        for name, _ in ages:
+            per_name[name] = per_name.get(name, 0) + 1
+        holder: str | None = ""  # the live lease's token, read once if an attempt's owner needs it
         removed = []
         for (name, attempt), age in sorted(ages.items()):
             prefix = self._key(name, attempt)
@@ -455,6 +458,8 @@ class ObjectStorage(Storage):
                 if prefix in _ACTIVE:
                     continue
             if name in names.manifests:
+                if per_name[name] == 1 and (name, attempt) in names.attempts:
+                    continue  # a checkpoint's one attempt is the one its manifest publishes
                 if name not in published:
                     try:
                         published[name] = self._committed_attempt(name, refresh=True)
@@ -463,6 +468,11 @@ class ObjectStorage(Storage):
                 if published[name] == attempt:
                     continue
             owner = _ATTEMPT.fullmatch(attempt).group(1)  # type: ignore[union-attr]
+            if owner != "x" and holder == "":
+                try:
+                    holder = self._current_lease_token()
+                except OSError:
+                    holder = "?"
             holder_gone = owner != "x" and holder != "?" and owner != holder
             if not (holder_gone or age >= self.stale_after):
                 continue
@@ -583,12 +593,14 @@ class _ObjectPending(_ObjectParticipant):
         where = storage.where(name)
         if not manifest.startswith(b"{"):
             raise CheckpointWriteError(f"{where}: the manifest is not a JSON object; nothing was committed")
-        body = b'{"trainstate_data": "' + self.transaction_id.encode() + b'", ' + manifest[1:]
+        rest = manifest[1:]
+        body = (
+            b'{"trainstate_data": "' + self.transaction_id.encode() + (b'"' if rest.startswith(b"}") else b'", ') + rest
+        )
         key = storage._key(name, MANIFEST_NAME)
         blobs = storage._blobs()
         try:
             storage._lease.check()
-            storage._check_replaceable(name)
             current = blobs.head(key)
             previous = None
             if current is None:
