@@ -320,7 +320,7 @@ def test_no_overwrite_and_not_a_checkpoint_are_refused(s3_run, s3_endpoint):
 def test_a_two_rank_fsdp2_save_commits_once_on_s3_and_reshards_to_one_process(tmp_path, s3_run, s3_endpoint):
     import json
 
-    import workers_path  # noqa: F401 - puts tests/distributed on sys.path
+    sys.path.insert(0, str(Path(__file__).parents[1] / "distributed"))
     import workers
 
     url, opts = s3_run
