@@ -38,3 +38,18 @@ def test_every_error_is_a_checkpoint_error_and_documented():
     for error in errors:
         assert issubclass(error, trainstate.CheckpointError)
         assert error.__doc__ and "\n" not in error.__doc__.strip()
+
+
+def test_import_trainstate_and_cli_version_do_not_import_torch():
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, trainstate; assert 'torch' not in sys.modules, 'import trainstate'; "
+        "trainstate.CheckpointError; assert 'torch' not in sys.modules; "
+        "sys.argv = ['trainstate', '--version']; from trainstate.cli import main; main(); "
+        "assert 'torch' not in sys.modules, '--version'; trainstate.save; assert 'torch' in sys.modules"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("trainstate ")

@@ -15,7 +15,7 @@ from trainstate.errors import CorruptCheckpointError, StateMismatchError, Unsupp
 from trainstate.format.codec import is_stateful, unwrap_module
 from trainstate.format.reader import CheckpointReader, MapLocation, TensorLoader
 from trainstate.format.tree import Path, children, format_path, holds_tensors, matching_leaves, tag, unwrap
-from trainstate.format.writer import DEFAULT_SHARD_BYTES, SavePlan, execute_save, plan_save
+from trainstate.format.writer import DEFAULT_SHARD_BYTES, SavePlan, execute_save, frozen_paths, plan_save
 from trainstate.loaders import adapt_for_save, is_stateful_loader, restore_loader
 from trainstate.storage import StorageOptions, split_path
 
@@ -84,9 +84,12 @@ def plan_state(
     allow_pickle: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     where: str = "",
+    frozen: frozenset[Path] | None = None,
 ) -> SavePlan:
     """The plan of saving ``state`` (live objects through their state dicts, loaders adapted): all
-    the checks that can fail on the state, done in the caller's thread before any I/O."""
+    the checks that can fail on the state, done in the caller's thread before any I/O. Frozen
+    parameters get files of their own (``frozen``: their paths, when ``state`` is a staged copy
+    that no longer holds the modules)."""
     if not isinstance(state, Mapping):
         raise UnsupportedValueError(f"{where}: state must be a mapping of names to values, got {type(state).__name__}")
     if metadata is not None and not isinstance(metadata, Mapping):
@@ -97,6 +100,7 @@ def plan_state(
         allow_pickle=allow_pickle,
         shard_bytes=shard_bytes,
         where=where,
+        frozen=frozen_paths(state) if frozen is None else frozen,
     )
 
 

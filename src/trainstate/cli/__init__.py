@@ -15,6 +15,11 @@ INSTALL_HINT = "pip install 'trainstate[cli]'"
 
 def main() -> None:
     """Entry point of the ``trainstate`` console script and of ``python -m trainstate``."""
+    if sys.argv[1:] == ["--version"]:  # answered before typer and the commands (and torch) load
+        from trainstate._version import __version__
+
+        print(f"trainstate {__version__}")
+        return
     try:
         import rich  # noqa: F401
         import typer  # noqa: F401

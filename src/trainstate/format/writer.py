@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from trainstate._version import __version__
-from trainstate.errors import CheckpointError, CheckpointWriteError, UnsupportedValueError
+from trainstate.errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, UnsupportedValueError
 from trainstate.format import tree
 from trainstate.format.codec import TAG, Encoder, Path, format_path, is_plain_str
 from trainstate.format.hashing import new_hasher
@@ -22,7 +22,7 @@ from trainstate.format.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest
 from trainstate.format.tensorfile import MAX_HEADER_BYTES, alias_key, dtype_name, encode_file
 from trainstate.storage.base import PendingCheckpoint
 
-__all__ = ["DEFAULT_SHARD_BYTES", "SavePlan", "environment", "execute_save", "plan_save"]
+__all__ = ["DEFAULT_SHARD_BYTES", "Reuse", "SavePlan", "environment", "execute_save", "frozen_paths", "plan_save"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +62,15 @@ class _ShardPlanner:
     the path is already in the tree, and repeating it doubled the manifest of a large model.
     """
 
-    def __init__(self, shard_bytes: int) -> None:
+    def __init__(self, shard_bytes: int, frozen: frozenset[Path] = frozenset()) -> None:
         self.shards: list[list[tuple[str, torch.Tensor]]] = []
         self._shard_bytes = shard_bytes
-        self._fill = 0
-        self._header = 0
+        self._frozen = frozen
+        # The file being filled per group: frozen parameters get files of their own, so that an
+        # incremental save finds them unchanged (and links them) while everything else moves.
+        self._open: dict[bool, list[Any]] = {}  # frozen? -> [shard index, fill, header bytes, entry]
         self._keys: set[str] = set()
         self._aliases: dict[tuple[Any, ...], dict[str, Any]] = {}
-        self._entry: Any = None
 
     def add(self, path: Path, tensor: torch.Tensor) -> dict[str, Any]:
         alias = alias_key(tensor)
@@ -80,23 +81,30 @@ class _ShardPlanner:
             key = next(f"{key}#{i}" for i in range(1, len(self._keys) + 2) if f"{key}#{i}" not in self._keys)
         self._keys.add(key)
         nbytes = tensor.numel() * tensor.element_size()
+        group = path in self._frozen
+        current = self._open.get(group)
+        entry = path[0] if path else None
         # A new top-level entry (model, optimizer...) starts a new file once the current one holds
         # something substantial: a load into a live model then only re-reads the model's files.
-        new_entry = bool(path) and path[0] != self._entry and self._fill >= _MIN_ENTRY_SPLIT
         # Readers cap a safetensors header (as safetensors itself does): millions of tiny tensors
         # are spread over several files rather than written into one that could not be read.
         header = len(json.dumps(key)) + 80 + 21 * tensor.dim()
-        full = self._fill + nbytes > self._shard_bytes or self._header + header > _MAX_FILE_HEADER
-        if not self.shards or (self._fill > 0 and (full or new_entry)):
+        if current is not None:
+            _, fill, head, last = current
+            new_entry = bool(path) and entry != last and fill >= _MIN_ENTRY_SPLIT
+            full = fill + nbytes > self._shard_bytes or head + header > _MAX_FILE_HEADER
+            if fill > 0 and (full or new_entry):
+                current = None
+        if current is None:
             self.shards.append([])
-            self._fill = self._header = 0
-        self._header += header
-        self._entry = path[0] if path else None
-        self.shards[-1].append((key, tensor))
-        self._fill += nbytes
+            current = self._open[group] = [len(self.shards) - 1, 0, 0, entry]
+        current[1] += nbytes
+        current[2] += header
+        current[3] = entry
+        self.shards[current[0]].append((key, tensor))
         ref = {
             TAG: "tensor",
-            "file": _FILE_PATTERN.format(len(self.shards) - 1),
+            "file": _FILE_PATTERN.format(current[0]),
             "key": key,
             "dtype": dtype_name(tensor.dtype),
             "shape": list(tensor.shape),
@@ -112,6 +120,25 @@ class _ShardPlanner:
         if ref["key"] != format_path(path):
             return ref
         return {k: v for k, v in ref.items() if k != "key"}
+
+
+def frozen_paths(state: Any) -> frozenset[Path]:
+    """The paths (in ``state``) of parameters that do not train (``requires_grad=False``) of every
+    module in it: what `plan_save` puts into files of their own."""
+    from trainstate.format.codec import is_stateful, unwrap_module
+
+    found: set[Path] = set()
+
+    def walk(value: Any, path: Path) -> None:
+        if isinstance(value, torch.nn.Module):
+            module = unwrap_module(value)
+            found.update((*path, name) for name, p in module.named_parameters() if not p.requires_grad)
+        elif isinstance(value, dict) and not is_stateful(value):
+            for key, child in value.items():
+                walk(child, (*path, key))
+
+    walk(state, ())
+    return frozenset(found)
 
 
 @dataclass(frozen=True)
@@ -132,11 +159,13 @@ def plan_save(
     allow_pickle: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     where: str = "",
+    frozen: frozenset[Path] = frozenset(),
 ) -> SavePlan:
     """Encode ``state`` and lay its tensors out in files. Every check that can fail on the state
     (types, names, sizes, the manifest limit) fails here, in the caller's thread, before anything is
-    queued or written."""
-    planner = _ShardPlanner(shard_bytes)
+    queued or written. Tensors at the ``frozen`` paths (parameters that do not train) go to files of
+    their own."""
+    planner = _ShardPlanner(shard_bytes, frozen)
     prefix = f"{where}: " if where else ""
     tree = Encoder(planner, allow_pickle=allow_pickle, where=prefix).encode(state)
     meta = Encoder(None, where=f"{prefix}metadata.").encode(metadata)
@@ -147,15 +176,32 @@ def plan_save(
     return SavePlan(tree, meta, planner.shards, where)
 
 
+@dataclass(frozen=True)
+class Reuse:
+    """A committed checkpoint whose files an incremental save may link instead of rewriting:
+    ``source`` (its name in the same storage) and its files by name."""
+
+    source: str
+    files: dict[str, FileEntry]
+
+
 def execute_save(
-    plan: SavePlan, pending: PendingCheckpoint, *, environment_extra: dict[str, Any] | None = None
+    plan: SavePlan,
+    pending: PendingCheckpoint,
+    *,
+    environment_extra: dict[str, Any] | None = None,
+    reuse: Reuse | None = None,
 ) -> Manifest:
     """Write ``plan`` through ``pending``, manifest last, committing only if every file succeeded.
 
-    On any error the pending checkpoint is aborted and the error re-raised; nothing is published.
+    With ``reuse``, a file whose bytes equal (by size and content hash) the same-named file of that
+    checkpoint is linked (`PendingCheckpoint.link`) rather than written: its bytes are hashed in
+    memory first (a pass at memory speed, which is also the hash the manifest needs), then either
+    linked or written. On any error the pending checkpoint is aborted and the error re-raised;
+    nothing is published.
     """
     try:
-        files = _write_shards(pending, plan.shards)
+        files = _write_shards(pending, plan.shards, reuse)
         manifest = Manifest(
             tree=plan.tree,
             files=tuple(files),
@@ -206,11 +252,31 @@ def _children(node: Any) -> list[tuple[Any, Any]]:
         return []
 
 
-def _write_shards(pending: PendingCheckpoint, shards: list[list[tuple[str, torch.Tensor]]]) -> list[FileEntry]:
+class _NoHash:
+    def update(self, data: Any) -> None:
+        return None
+
+
+def _write_shards(
+    pending: PendingCheckpoint, shards: list[list[tuple[str, torch.Tensor]]], reuse: Reuse | None = None
+) -> list[FileEntry]:
     def write(index: int) -> FileEntry:
-        hasher = new_hasher()
-        _, chunks = encode_file(shards[index], hasher)
         name = _FILE_PATTERN.format(index)
+        previous = reuse.files.get(name) if reuse is not None else None
+        hasher = new_hasher()
+        if previous is not None:  # hash first: unchanged files are linked, the rest written unhashed
+            _, chunks = encode_file(shards[index], hasher)
+            size = sum(len(chunk) for chunk in chunks)  # the generator hashes what it yields
+            digest = hasher.hexdigest()
+            if (size, digest) == (previous.size, previous.hash):
+                assert reuse is not None
+                try:
+                    return FileEntry(name, pending.link(name, reuse.source), digest)
+                except CheckpointNotFoundError:  # the source went meanwhile: write it after all
+                    pass
+            _, chunks = encode_file(shards[index], _NoHash())  # type: ignore[arg-type]
+            return FileEntry(name, pending.write(name, chunks), digest)
+        _, chunks = encode_file(shards[index], hasher)
         size = pending.write(name, chunks)
         return FileEntry(name, size, hasher.hexdigest())
 

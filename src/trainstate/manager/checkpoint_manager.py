@@ -34,7 +34,7 @@ from trainstate.errors import (
     UnsupportedFormatError,
 )
 from trainstate.format.reader import CheckpointReader, MapLocation
-from trainstate.format.writer import SavePlan, environment, execute_save
+from trainstate.format.writer import Reuse, SavePlan, environment, execute_save, frozen_paths
 from trainstate.loaders import adapt_for_save
 from trainstate.manager.catalog import parse_step_name, read_catalog, step_name
 from trainstate.manager.early_stopping import EarlyStopping
@@ -50,7 +50,7 @@ from trainstate.manager.policies import (
     metric_value,
 )
 from trainstate.manager.preemption import PreemptionHandler
-from trainstate.manager.snapshot import Direct, HostCopy, Stager
+from trainstate.manager.snapshot import Direct, Pooled, Staged, Stager
 from trainstate.manager.tiered import RemoteTier
 from trainstate.storage import LocalStorage, Storage, StorageOptions, open_storage
 
@@ -133,7 +133,19 @@ class CheckpointManager:
         every_n_steps: `save` saves when ``step % every_n_steps == 0`` (or ``force=True``).
         every_n_seconds: `save` saves when this long has passed since the last save (or ``force=True``).
             Without either trigger every `save` call saves.
-        async_save: Return from `save` after copying the state to host memory; write in the background.
+        async_save: Return from `save` after copying the state into reusable host buffers (allocated
+            once, reused while shapes stay the same, freed by `close`; `staging_bytes` says how much);
+            write in the background.
+        overlap: With ``async_save``: return from `save` before even the copy is done; the copy runs
+            in the background, and until it is done the state's modules wait in ``forward`` and its
+            optimizers in ``step`` (hooks trainstate adds and removes). Tensors your own code changes
+            in place (an EMA, a manual ``param.add_``) are not guarded: call `wait_staged` first.
+        incremental: A file whose bytes equal the same file of the previous checkpoint this manager
+            committed is hard-linked (a server-side copy on object stores) instead of rewritten;
+            frozen parameters (``requires_grad=False``) get files of their own so a fine-tune's
+            frozen weights are linked every time. Every checkpoint stays self-contained (deleting any
+            other never breaks it) and verifies byte for byte. Deciding costs one hash of each file's
+            bytes in memory, which is the hash the manifest needs anyway.
         early_stopping: Stop (``should_stop``) when ``monitor`` stops improving; its state is checkpointed.
         preemption_signals: Signals (e.g. ``[signal.SIGTERM]``) after which the next
             `save` saves whatever the triggers say and ``should_stop`` becomes True.
@@ -174,6 +186,8 @@ class CheckpointManager:
         every_n_steps: int | None = None,
         every_n_seconds: float | None = None,
         async_save: bool = False,
+        overlap: bool = False,
+        incremental: bool = False,
         early_stopping: EarlyStopping | None = None,
         preemption_signals: Iterable[signal.Signals | int] | None = None,
         lock_timeout: float = 30.0,
@@ -231,7 +245,11 @@ class CheckpointManager:
         self._broken: list[str] = []
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: Future[None] | None = None
-        self._stager: Stager = HostCopy()
+        self._staged: Staged | None = None
+        self.incremental = incremental
+        self._previous: Reuse | None = None  # the last commit of this manager, for incremental saves
+        self._stager: Stager = Pooled()
+        self.overlap = overlap and async_save
         self._requested_step: int | None = None
         self._last_save_time = time.monotonic()
         self._preemption = PreemptionHandler(preemption_signals) if preemption_signals else None
@@ -389,16 +407,23 @@ class CheckpointManager:
                 self._preempted_save_done = True
             return True
         stager = self._stager if self.async_save and not preempted else Direct()  # preemption saves are sync
-        snapshot = stager.stage(adapt_for_save(state))
-        # Encoded here, in the caller's thread: a state that cannot be saved fails this call, not the next.
-        plan = plan_state(snapshot, metadata=record, where=self._storage.where(step_name(step)))
+        adapted = adapt_for_save(state)
+        frozen = frozen_paths(adapted)  # from the live modules: the staged copy holds state dicts
+        staged = stager.stage(adapted, overlap=self.overlap)
+        try:
+            # Encoded here, in the caller's thread: a state that cannot be saved fails this call, not the next.
+            plan = plan_state(staged.state, metadata=record, where=self._storage.where(step_name(step)), frozen=frozen)
+        except BaseException:
+            staged.cancel()
+            raise
         env = {"dataloader_workers": _loader_workers(state)}
         self._requested_step = step
         self._last_save_time = time.monotonic()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainstate-save")
-        future = self._executor.submit(self._write, step, plan, clean_metrics, env)
+        future = self._executor.submit(self._write, step, plan, clean_metrics, env, staged)
         self._inflight = future
+        self._staged = staged
         _IN_FLIGHT.add(self)
         if not self.async_save or preempted:
             self.wait()
@@ -414,9 +439,12 @@ class CheckpointManager:
             )
         return True
 
-    def _write(self, step: int, plan: SavePlan, metrics: dict[str, float], env: dict[str, Any]) -> None:
+    def _write(self, step: int, plan: SavePlan, metrics: dict[str, float], env: dict[str, Any], staged: Staged) -> None:
+        staged.copy()  # first (overlap: training waits in the guard hooks until this is done)
         self._storage.cleanup()  # leftovers of failed saves never accumulate
-        execute_save(plan, self._storage.begin(step_name(step)), environment_extra=env)
+        previous = self._previous if self.incremental else None
+        manifest = execute_save(plan, self._storage.begin(step_name(step)), environment_extra=env, reuse=previous)
+        self._previous = Reuse(step_name(step), {f.name: f for f in manifest.files})
         self._committed(step, metrics)
 
     def _write_sharded(
@@ -470,6 +498,18 @@ class CheckpointManager:
                 continue
             with self._index_lock:
                 self._index.pop(old, None)
+
+    @property
+    def staging_bytes(self) -> int:
+        """Host memory held for async staging (the pool's buffers)."""
+        return self._stager.pool.nbytes if isinstance(self._stager, Pooled) else 0
+
+    def wait_staged(self) -> None:
+        """Block until the save in flight copied the state (with ``overlap``): after this the live
+        tensors may change."""
+        staged = self._staged
+        if staged is not None:
+            staged.wait()
 
     @property
     def in_flight(self) -> SaveHandle | None:
@@ -710,6 +750,7 @@ class CheckpointManager:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
+            self._stager.close()
             if self._tier is not None:
                 self._tier.close()
             if self._preemption is not None:

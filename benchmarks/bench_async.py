@@ -1,0 +1,287 @@
+"""The training stall of a checkpoint, every contender in one interleaved run.
+
+For each state size (an MLP + AdamW moments, float32) each round runs every contender once, in
+rotated order, into a fresh directory, and the page cache is flushed (``os.sync``) between them.
+Reported: medians, and the median per-round ratio against the memcpy floor (copying the same bytes
+into buffers that already exist) and against trainstate's sync save.
+
+    python benchmarks/bench_async.py                         # 0.1 and 1 GB, 3 rounds, ~4 min
+    python benchmarks/bench_async.py --sizes 0.05 --rounds 1  # smoke test
+    python benchmarks/bench_async.py --json out.json --png stall.png
+
+Contenders (stall = time the training thread is blocked; total = until durable):
+raw write+fsync of the same bytes; memcpy floor; torch.save+fsync; dcp.save; dcp.async_save (stall,
+total); torch_checkpointing async if installed (stall until its staging is done; it does not
+fsync); trainstate sync; trainstate async (stall, total); trainstate async+overlap (the stall a loop
+sees: save() returning plus the wait in the next optimizer step, beyond that step's own time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import trainstate
+
+
+def build(gigabytes: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    width = 2048
+    params = int(gigabytes * 1e9 / 12)  # weights + two moments, 4 bytes each
+    layers = max(1, params // (width * width))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer.step()
+    return model, optimizer
+
+
+def tensors_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    found = [p.detach() for p in model.parameters()]
+    for state in optimizer.state.values():
+        found += [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return found
+
+
+def contenders(model: Any, optimizer: Any, root: str) -> tuple[dict[str, Callable[[], dict[str, float]]], Callable]:
+    """The timed runs by name, and what closes the managers they keep."""
+    tensors = tensors_of(model, optimizer)
+    floor_buffers = [torch.empty_like(t) for t in tensors]
+    for b in floor_buffers:
+        b.fill_(0)  # pre-faulted
+    counter = iter(range(10**9))
+
+    def fresh(name: str) -> str:
+        return os.path.join(root, f"{name}-{next(counter)}")
+
+    def timed(fn: Callable[[], Any]) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    def raw() -> dict[str, float]:
+        def write() -> None:
+            with open(fresh("raw"), "wb") as f:
+                for t in tensors:
+                    f.write(t.numpy().data)
+                f.flush()
+                os.fsync(f.fileno())
+
+        return {"total": timed(write)}
+
+    def memcpy() -> dict[str, float]:
+        return {"stall": timed(lambda: [b.copy_(t) for b, t in zip(floor_buffers, tensors, strict=True)])}
+
+    def torch_save() -> dict[str, float]:
+        def write() -> None:
+            with open(fresh("torch"), "wb") as f:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, f)
+                f.flush()
+                os.fsync(f.fileno())
+
+        return {"total": timed(write)}
+
+    def dcp_sync() -> dict[str, float]:
+        import torch.distributed.checkpoint as dcp
+
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        return {"total": timed(lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(fresh("dcp"))))}
+
+    def dcp_async() -> dict[str, float]:
+        import torch.distributed.checkpoint as dcp
+
+        start = time.perf_counter()
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        future = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(fresh("dcpa")))
+        stall = time.perf_counter() - start
+        future.result()
+        return {"stall": stall, "total": time.perf_counter() - start}
+
+    managers: dict[str, trainstate.CheckpointManager] = {}
+
+    def manager(kind: str) -> trainstate.CheckpointManager:
+        if kind not in managers:  # one per mode for the whole run: the staging pool is reused, as in training
+            managers[kind] = trainstate.CheckpointManager(
+                os.path.join(root, f"mgr-{kind}"),
+                keep_last=1,
+                async_save=kind != "sync",
+                overlap=kind == "overlap",
+            )
+        return managers[kind]
+
+    steps = iter(range(1, 10**9))
+
+    def ts_sync() -> dict[str, float]:
+        mgr = manager("sync")
+        return {"total": timed(lambda: mgr.save(next(steps), {"model": model, "optimizer": optimizer}))}
+
+    def ts_async() -> dict[str, float]:
+        mgr = manager("async")
+        start = time.perf_counter()
+        mgr.save(next(steps), {"model": model, "optimizer": optimizer})
+        stall = time.perf_counter() - start
+        mgr.wait()
+        return {"stall": stall, "total": time.perf_counter() - start}
+
+    def ts_overlap() -> dict[str, float]:
+        """The stall a loop sees: save(), then the next optimizer step (which waits in trainstate's
+        hook until the copy is done), minus the same step's own time without a save."""
+        mgr = manager("overlap")
+        plain = timed(optimizer.step)
+        start = time.perf_counter()
+        mgr.save(next(steps), {"model": model, "optimizer": optimizer})
+        optimizer.step()
+        seen = time.perf_counter() - start - plain
+        mgr.wait()
+        return {"stall": max(0.0, seen), "total": time.perf_counter() - start}
+
+    found = {
+        "raw write+fsync": raw,
+        "memcpy floor": memcpy,
+        "torch.save+fsync": torch_save,
+        "dcp.save": dcp_sync,
+        "dcp.async_save": dcp_async,
+        "trainstate sync": ts_sync,
+        "trainstate async": ts_async,
+        "trainstate async+overlap": ts_overlap,
+    }
+    tc = torch_checkpointing(model, optimizer, fresh)
+    if tc is not None:
+        found["torch_checkpointing async"] = tc
+
+    def close() -> None:
+        for mgr in managers.values():
+            mgr.close()
+
+    return found, close
+
+
+def torch_checkpointing(model: Any, optimizer: Any, fresh: Callable[[str], str]) -> Callable[[], dict] | None:
+    """torch_checkpointing's async save, if the package is installed and runs here (its optimized
+    staging needs CUDA); None otherwise."""
+    try:
+        import torch_checkpointing as tc
+
+        manager = tc.CheckpointManager(tc.CheckpointManager.Config.with_async_save())
+    except Exception as exc:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
+        print(f"torch_checkpointing: not measured ({type(exc).__name__}: {exc})")
+        return None
+
+    def run() -> dict[str, float]:
+        start = time.perf_counter()
+        handle = manager.save(fresh("tc"), {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+        staged = getattr(handle, "staging_done", None) or getattr(handle, "staged", None)
+        if callable(getattr(staged, "result", None)):
+            staged.result()
+        stall = time.perf_counter() - start
+        for wait in ("result", "wait"):
+            if callable(getattr(handle, wait, None)):
+                getattr(handle, wait)()
+                break
+        return {"stall": stall, "total": time.perf_counter() - start}
+
+    try:
+        run()  # it must work once to be measured
+    except Exception as exc:  # noqa: BLE001
+        print(f"torch_checkpointing: not measured ({type(exc).__name__}: {exc})")
+        return None
+    return run
+
+
+def measure(gigabytes: float, rounds: int) -> dict[str, Any]:
+    model, optimizer = build(gigabytes)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors_of(model, optimizer))
+    root = tempfile.mkdtemp(prefix="bench-async-", dir=os.environ.get("BENCH_DIR"))
+    runs, close = contenders(model, optimizer, root)
+    names = list(runs)
+    results: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    try:
+        for round_ in range(rounds + 1):  # round 0 warms up (and fills trainstate's pool)
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]
+            for name in order:
+                os.sync()
+                measured = runs[name]()
+                if round_:
+                    for key, value in measured.items():
+                        results[name].setdefault(key, []).append(value)
+            for entry in os.listdir(root):  # each round's output goes; the managers prune their own
+                path = os.path.join(root, entry)
+                if entry.startswith("mgr-"):
+                    continue
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
+    finally:
+        close()
+        shutil.rmtree(root, ignore_errors=True)
+
+    def per_round(a: list[float], b: list[float]) -> float:
+        return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+    floor = results["memcpy floor"]["stall"]
+    sync = results["trainstate sync"]["total"]
+    rows = {}
+    for name, measured in results.items():
+        row: dict[str, float] = {}
+        for key, values in measured.items():
+            row[f"{key}_s"] = statistics.median(values)
+        if "stall" in measured:
+            row["stall_vs_memcpy"] = per_round(measured["stall"], floor)
+        if "total" in measured:
+            row["total_vs_trainstate_sync"] = per_round(measured["total"], sync)
+        rows[name] = row
+    return {"gigabytes": nbytes / 1e9, "rounds": rounds, "contenders": rows}
+
+
+def plot(results: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = [n for n in results[0]["contenders"] if "stall_s" in results[0]["contenders"][n]]
+    sizes = [r["gigabytes"] for r in results]
+    for name in names:
+        ax.plot(sizes, [r["contenders"][name]["stall_s"] for r in results], marker="o", label=name)
+    ax.set_xlabel("state size (GB)")
+    ax.set_ylabel("training stall (s, median)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Checkpoint stall, one interleaved run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="0.1,1", help="state sizes in GB, comma-separated")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json")
+    parser.add_argument("--png")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    results = [measure(float(size), args.rounds) for size in args.sizes.split(",")]
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    if args.png:
+        plot(results, args.png)
+
+
+if __name__ == "__main__":
+    main()
