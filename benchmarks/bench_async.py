@@ -133,14 +133,21 @@ def contenders(model: Any, optimizer: Any, root: str) -> tuple[dict[str, Callabl
         mgr.wait()
         return {"stall": stall, "total": time.perf_counter() - start}
 
+    batch = torch.randn(64, 2048)
+
+    def train_step() -> None:
+        model(batch).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
     def ts_overlap() -> dict[str, float]:
-        """The stall a loop sees: save(), then the next optimizer step (which waits in trainstate's
-        hook until the copy is done), minus the same step's own time without a save."""
+        """The stall a loop sees: save(), then the next training step (forward and backward overlap the
+        copy; the optimizer step waits in trainstate's hook until it is done), minus that step's own time."""
         mgr = manager("overlap")
-        plain = timed(optimizer.step)
+        plain = timed(train_step)
         start = time.perf_counter()
         mgr.save(next(steps), {"model": model, "optimizer": optimizer})
-        optimizer.step()
+        train_step()
         seen = time.perf_counter() - start - plain
         mgr.wait()
         return {"stall": max(0.0, seen), "total": time.perf_counter() - start}
@@ -244,6 +251,58 @@ def measure(gigabytes: float, rounds: int) -> dict[str, Any]:
     return {"gigabytes": nbytes / 1e9, "rounds": rounds, "contenders": rows}
 
 
+def measure_incremental(gigabytes: float, rounds: int) -> dict[str, Any]:
+    """A fine-tune with 90% of its parameters frozen (SGD on the rest): a full save vs an incremental
+    one after a training step, bytes written (files not hard-linked) and time, in rotated rounds."""
+    width = 2048
+    layers = max(10, int(gigabytes * 1e9 / 4 / (width * width)))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+    for layer in list(model)[: layers * 9 // 10]:
+        layer.weight.requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    root = tempfile.mkdtemp(prefix="bench-incr-", dir=os.environ.get("BENCH_DIR"))
+
+    def train() -> None:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.randn_like(p) * 1e-3
+        optimizer.step()
+
+    def written(directory: str) -> int:
+        paths = [os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".safetensors")]
+        return sum(os.stat(p).st_size for p in paths if os.stat(p).st_nlink == 1)
+
+    times: dict[str, list[float]] = {"full": [], "incremental": []}
+    nbytes: dict[str, list[int]] = {"full": [], "incremental": []}
+    managers = {
+        kind: trainstate.CheckpointManager(os.path.join(root, kind), keep_last=2, incremental=kind == "incremental")
+        for kind in times
+    }
+    try:
+        for round_ in range(rounds + 1):
+            train()
+            for kind in ("full", "incremental") if round_ % 2 else ("incremental", "full"):
+                os.sync()
+                start = time.perf_counter()
+                managers[kind].save(round_ + 1, {"model": model, "optimizer": optimizer})
+                elapsed = time.perf_counter() - start
+                if round_:  # round 0 has no previous checkpoint to link to
+                    times[kind].append(elapsed)
+                    nbytes[kind].append(written(managers[kind].path(round_ + 1)))
+    finally:
+        for mgr in managers.values():
+            mgr.close()
+        shutil.rmtree(root, ignore_errors=True)
+    return {
+        "gigabytes": sum(p.numel() * 4 for p in model.parameters()) / 1e9,
+        "full_s": statistics.median(times["full"]),
+        "incremental_s": statistics.median(times["incremental"]),
+        "time_ratio": statistics.median(a / b for a, b in zip(times["incremental"], times["full"], strict=True)),
+        "bytes_ratio": statistics.median(a / b for a, b in zip(nbytes["incremental"], nbytes["full"], strict=True)),
+    }
+
+
 def plot(results: list[dict[str, Any]], path: str) -> None:
     import matplotlib
 
@@ -275,10 +334,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     results = [measure(float(size), args.rounds) for size in args.sizes.split(",")]
-    print(json.dumps(results, indent=2))
+    incremental = measure_incremental(max(float(s) for s in args.sizes.split(",")), args.rounds)
+    print(json.dumps({"stall": results, "incremental": incremental}, indent=2))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({"stall": results, "incremental": incremental}, f, indent=2)
     if args.png:
         plot(results, args.png)
 

@@ -94,6 +94,16 @@ def test_overlap_guard_hooks_are_removed_once_copied(tmp_path):
         assert not optimizer._optimizer_step_pre_hooks
 
 
+def test_overlap_holds_only_what_changes_state(tmp_path):
+    model, optimizer = _setup()
+    _step(model, optimizer, 0)
+    with CheckpointManager(tmp_path, async_save=True, overlap=True) as mgr:
+        staged = mgr._stager.stage({"model": model, "optimizer": optimizer}, overlap=True)
+        hooked = [type(m).__name__ for m in model.modules() if m._forward_pre_hooks]
+        assert hooked == ["BatchNorm1d"] and optimizer._optimizer_step_pre_hooks
+        staged.cancel()
+
+
 def test_a_state_that_cannot_be_saved_releases_the_guards(tmp_path):
     model, optimizer = _setup()
     with CheckpointManager(tmp_path, async_save=True, overlap=True) as mgr:

@@ -1826,6 +1826,7 @@ def test_bug_numpy_dtype_strings(arena: Arena, field: str, dtype: str) -> None:
 B5_SCRIPT = r"""
 import json, os, sys, xxhash
 import trainstate
+from trainstate.api import load  # before the audit: `import trainstate` itself loads the API lazily
 from trainstate.format import FileEntry, Manifest
 path = sys.argv[1]
 os.makedirs(path)
@@ -1842,7 +1843,7 @@ events = []
 sys.addaudithook(lambda e, a: events.append(e) if e in ("import", "exec", "compile") else None)
 before = len(sys.modules)
 try:
-    trainstate.load(path)
+    load(path)
     outcome = "loaded"
 except trainstate.CheckpointError as exc:
     outcome = type(exc).__name__

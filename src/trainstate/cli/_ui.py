@@ -158,8 +158,10 @@ class UI:
         self.show_progress = terminal and not quiet and not json_output
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
-        """Human output on stdout (nothing in ``--json`` mode)."""
+        """Human output on stdout (nothing in ``--json`` mode). Lines of text are never folded (a
+        long path stays on one line for scripts and greps); tables fit the width."""
         if not self.json_output:
+            kwargs.setdefault("soft_wrap", all(isinstance(o, (str, Text)) for o in objects))
             self.out.print(*objects, **kwargs)
 
     def note(self, message: str) -> None:

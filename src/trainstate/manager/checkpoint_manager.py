@@ -137,8 +137,8 @@ class CheckpointManager:
             once, reused while shapes stay the same, freed by `close`; `staging_bytes` says how much);
             write in the background.
         overlap: With ``async_save``: return from `save` before even the copy is done; the copy runs
-            in the background, and until it is done the state's modules wait in ``forward`` and its
-            optimizers in ``step`` (hooks trainstate adds and removes). Tensors your own code changes
+            in the background, and until it is done the state's optimizers wait in ``step`` and its
+            modules with buffers in ``forward`` (hooks trainstate adds and removes). Tensors your own code changes
             in place (an EMA, a manual ``param.add_``) are not guarded: call `wait_staged` first.
         incremental: A file whose bytes equal the same file of the previous checkpoint this manager
             committed is hard-linked (a server-side copy on object stores) instead of rewritten;

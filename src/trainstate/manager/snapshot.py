@@ -172,10 +172,11 @@ class StagingPool:
 class Pooled:
     """Async staging: state dicts taken now, every tensor copied into the `StagingPool`'s buffers
     (aliases stay aliases). With ``overlap`` the copies are left to `Staged.copy` (the writer's
-    thread runs it first), and until they are done every module of the state waits in a forward
-    pre-hook and every optimizer in a step pre-hook: the two places a training loop changes the
-    saved tensors. Not guarded: tensors user code edits in place by itself (an EMA, a manual
-    ``param.add_``), which must wait for `Staged.wait` first."""
+    thread runs it first), and until they are done every optimizer of the state waits in a step
+    pre-hook and every module that has buffers in a forward pre-hook: the places a training loop
+    changes the saved tensors (forward and backward of buffer-less modules overlap the copy). Not
+    guarded: tensors user code edits in place by itself (an EMA, a manual ``param.add_``), which
+    must wait for `Staged.wait` first."""
 
     def __init__(self) -> None:
         self.pool = StagingPool()
@@ -232,8 +233,8 @@ def _guard(obj: Any, staged: Staged) -> list[Callable[[], None]]:
         staged.wait()
 
     handles: list[Any] = []
-    if isinstance(obj, torch.nn.Module):
-        handles = [m.register_forward_pre_hook(hold) for m in obj.modules()]
+    if isinstance(obj, torch.nn.Module):  # forward changes buffers (BatchNorm statistics), never parameters
+        handles = [m.register_forward_pre_hook(hold) for m in obj.modules() if m._buffers]
     elif isinstance(obj, torch.optim.Optimizer):
         handles = [obj.register_step_pre_hook(hold)]
     return [h.remove for h in handles]
