@@ -167,20 +167,28 @@ def _writer(args: list[str], endpoint: str) -> subprocess.Popen[str]:
     )
 
 
-def test_sigkill_during_a_multipart_upload_keeps_the_previous_checkpoint(s3_run, s3_endpoint):
-    url, opts = s3_run
-    proxy = FaultProxy(int(s3_endpoint.rsplit(":", 1)[1]))
-    hold = Fault(r"PUT .*partNumber=2", status=0)  # the second part of step 2's data: mid-upload
+def _kill_when_held(args: list[str], endpoint: str, pattern: str, saved: list[str]) -> None:
+    """Run the writer through a proxy that holds the first request matching ``pattern``; once the
+    writer printed ``saved`` lines and the request is held, SIGKILL it."""
+    proxy = FaultProxy(int(endpoint.rsplit(":", 1)[1]))
+    hold = Fault(pattern, status=0)
     proxy.faults.append(hold)
-    writer = _writer(["manager", url], proxy.endpoint)
+    writer = _writer(args, proxy.endpoint)
     try:
-        assert writer.stdout.readline().split() == ["saved", "1"]
+        for line in saved:
+            assert writer.stdout.readline().split() == line.split()
         assert hold.arrived.wait(120)
         writer.send_signal(signal.SIGKILL)
         writer.wait(30)
     finally:
         hold.release.set()
         proxy.stop()
+
+
+def test_sigkill_during_a_multipart_upload_keeps_the_previous_checkpoint(s3_run, s3_endpoint):
+    url, opts = s3_run
+    # held: the second part of step 2's data, mid-upload
+    _kill_when_held(["manager", url], s3_endpoint, r"PUT .*partNumber=2", ["saved 1"])
     s3 = client(s3_endpoint)
     bucket, prefix = _bucket_of(url)
     assert s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads")  # left by the dead writer
@@ -278,19 +286,9 @@ def test_tiered_manager_uploads_in_the_background_and_restores_from_either_tier(
 
 def test_a_crash_between_local_commit_and_upload_is_uploaded_on_restart(tmp_path, s3_run, s3_endpoint):
     url, opts = s3_run
-    proxy = FaultProxy(int(s3_endpoint.rsplit(":", 1)[1]))
-    hold = Fault(r"^PUT .*step_00000002/.*trainstate-writer", status=0)  # step 2's upload starts, stalls
-    proxy.faults.append(hold)
-    writer = _writer(["manager", url, str(tmp_path / "local")], proxy.endpoint)
-    try:
-        assert writer.stdout.readline().split() == ["saved", "1"]
-        assert writer.stdout.readline().split() == ["saved", "2"]  # committed locally
-        assert hold.arrived.wait(120)
-        writer.send_signal(signal.SIGKILL)
-        writer.wait(30)
-    finally:
-        hold.release.set()
-        proxy.stop()
+    # held: the start of step 2's upload, after it was committed locally
+    pattern = r"^PUT .*step_00000002/.*trainstate-writer"
+    _kill_when_held(["manager", url, str(tmp_path / "local")], s3_endpoint, pattern, ["saved 1", "saved 2"])
     assert "step_00000002" not in {k.split("/")[0] for k in _keys(s3_endpoint, url) if k.endswith("manifest.json")}
     remote = ObjectStorage(url, opts, lease_ttl=2)
     with CheckpointManager(tmp_path / "local", remote=remote, keep_last=None, lock_timeout=30) as m:

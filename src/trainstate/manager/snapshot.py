@@ -55,20 +55,19 @@ class Staged:
                 self._error = exc
                 raise
             finally:
-                self.pairs = []
-                self._done.set()
-                for remove in self._release:
-                    remove()
-                self._release.clear()
+                self._finish()
 
     def cancel(self) -> None:
         """Give the staging up (the save failed before writing): nothing is copied, nothing held."""
         with self._lock:
-            self.pairs = []
-            self._done.set()
-            for remove in self._release:
-                remove()
-            self._release.clear()
+            self._finish()
+
+    def _finish(self) -> None:
+        self.pairs = []
+        self._done.set()
+        for remove in self._release:
+            remove()
+        self._release.clear()
 
     def wait(self) -> None:
         self._done.wait()

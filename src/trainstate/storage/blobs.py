@@ -19,7 +19,7 @@ import io
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -246,9 +246,7 @@ class S3Blobs(Blobs):
         bucket, name = self._split(key)
         part = bytearray()
         size = 0
-        upload_id: str | None = None
-        in_flight: list[tuple[int, Future[Any]]] = []
-        done: list[dict[str, Any]] = []
+        parts = _Parts(self, bucket, name)
         try:
             for chunk in chunks:
                 view = memoryview(chunk).cast("B")
@@ -258,61 +256,17 @@ class S3Blobs(Blobs):
                     part += view[:take]
                     view = view[take:]
                     if len(part) == self.part_size:
-                        if upload_id is None:
-                            upload_id = self._call("create_multipart_upload", Bucket=bucket, Key=name)["UploadId"]
-                        number = len(done) + len(in_flight) + 1
-                        if number > MAX_PARTS:
-                            raise OSError(errno.EFBIG, f"over {MAX_PARTS} parts of {self.part_size} bytes")
-                        future = self._submit(
-                            "upload_part",
-                            Bucket=bucket,
-                            Key=name,
-                            UploadId=upload_id,
-                            PartNumber=number,
-                            Body=part,
-                        )
-                        in_flight.append((number, future))
-                        part = bytearray()
-                        while len(in_flight) >= self.concurrency:
-                            number, future = in_flight.pop(0)
-                            done.append({"PartNumber": number, "ETag": future.result()["ETag"]})
-            if upload_id is None:  # small: one PUT
+                        parts.send(part)
+                        part = bytearray()  # the sent one is the upload's now
+            if not parts.started:  # small: one PUT
                 self._call("put_object", Bucket=bucket, Key=name, Body=part)
                 return size
             if part:
-                number = len(done) + len(in_flight) + 1
-                in_flight.append(
-                    (
-                        number,
-                        self._submit(
-                            "upload_part",
-                            Bucket=bucket,
-                            Key=name,
-                            UploadId=upload_id,
-                            PartNumber=number,
-                            Body=part,
-                        ),
-                    )
-                )
-            for number, future in in_flight:
-                done.append({"PartNumber": number, "ETag": future.result()["ETag"]})
-            in_flight.clear()
-            self._call(
-                "complete_multipart_upload",
-                Bucket=bucket,
-                Key=name,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": sorted(done, key=lambda p: p["PartNumber"])},
-            )
+                parts.send(part)
+            parts.complete()
             return size
         except BaseException:
-            for _, future in in_flight:
-                future.cancel()
-            if upload_id is not None:
-                try:
-                    self._call("abort_multipart_upload", Bucket=bucket, Key=name, UploadId=upload_id)
-                except OSError:
-                    pass  # the next writer's cleanup aborts it
+            parts.abort()
             raise
 
     def _submit(self, method: str, **kwargs: Any) -> Future[Any]:
@@ -322,24 +276,26 @@ class S3Blobs(Blobs):
         self.fs.invalidate_cache(key)
         return super().open(key, size)
 
-    def find(self, prefix: str) -> list[Blob]:
+    def _pages(self, method: str, prefix: str, items: str, cursor: dict[str, str]) -> Iterator[tuple[Any, Any]]:
+        """``(response, item)`` for every item of a paginated listing; ``cursor`` maps the next
+        request's parameters to the response fields that carry them."""
         bucket, name = self._split(prefix)
-        found: list[Blob] = []
-        token: dict[str, str] = {}
+        position: dict[str, str] = {}
         while True:
-            response = self._call("list_objects_v2", Bucket=bucket, Prefix=name, **token)
-            for item in response.get("Contents", []):
-                found.append(
-                    Blob(
-                        f"{bucket}/{item['Key']}",
-                        int(item["Size"]),
-                        _server_age(response, item["LastModified"]),
-                        item["ETag"],
-                    )
-                )
+            response = self._call(method, Bucket=bucket, Prefix=name, **position)
+            for item in response.get(items, []):
+                yield response, item
             if not response.get("IsTruncated"):
-                return found
-            token = {"ContinuationToken": response["NextContinuationToken"]}
+                return
+            position = {param: response[field] for param, field in cursor.items()}
+
+    def find(self, prefix: str) -> list[Blob]:
+        bucket = self._split(prefix)[0]
+        pages = self._pages("list_objects_v2", prefix, "Contents", {"ContinuationToken": "NextContinuationToken"})
+        return [
+            Blob(f"{bucket}/{item['Key']}", int(item["Size"]), _server_age(page, item["LastModified"]), item["ETag"])
+            for page, item in pages
+        ]
 
     def delete(self, keys: list[str]) -> None:
         by_bucket: dict[str, list[str]] = {}
@@ -359,18 +315,12 @@ class S3Blobs(Blobs):
         self.fs.copy(source, target)
 
     def uploads(self, prefix: str) -> list[Upload]:
-        bucket, name = self._split(prefix)
-        found: list[Upload] = []
-        marker: dict[str, str] = {}
-        while True:
-            response = self._call("list_multipart_uploads", Bucket=bucket, Prefix=name, **marker)
-            for item in response.get("Uploads", []):
-                found.append(
-                    Upload(f"{bucket}/{item['Key']}", item["UploadId"], _server_age(response, item["Initiated"]))
-                )
-            if not response.get("IsTruncated"):
-                return found
-            marker = {"KeyMarker": response["NextKeyMarker"], "UploadIdMarker": response["NextUploadIdMarker"]}
+        bucket = self._split(prefix)[0]
+        cursor = {"KeyMarker": "NextKeyMarker", "UploadIdMarker": "NextUploadIdMarker"}
+        return [
+            Upload(f"{bucket}/{item['Key']}", item["UploadId"], _server_age(page, item["Initiated"]))
+            for page, item in self._pages("list_multipart_uploads", prefix, "Uploads", cursor)
+        ]
 
     def abort(self, upload: Upload) -> None:
         bucket, name = self._split(upload.key)
@@ -378,6 +328,57 @@ class S3Blobs(Blobs):
             self._call("abort_multipart_upload", Bucket=bucket, Key=name, UploadId=upload.upload_id)
         except FileNotFoundError:
             pass  # completed or aborted meanwhile
+
+
+class _Parts:
+    """One multipart upload: parts go up on s3fs's event loop, at most ``concurrency`` at a time."""
+
+    def __init__(self, blobs: S3Blobs, bucket: str, name: str) -> None:
+        self._blobs, self._bucket, self._name = blobs, bucket, name
+        self._id: str | None = None
+        self._in_flight: list[tuple[int, Future[Any]]] = []
+        self._done: list[dict[str, Any]] = []
+
+    @property
+    def started(self) -> bool:
+        return self._id is not None
+
+    def send(self, part: bytearray) -> None:
+        if self._id is None:
+            self._id = self._blobs._call("create_multipart_upload", Bucket=self._bucket, Key=self._name)["UploadId"]
+        number = len(self._done) + len(self._in_flight) + 1
+        if number > MAX_PARTS:
+            raise OSError(errno.EFBIG, f"over {MAX_PARTS} parts of {self._blobs.part_size} bytes")
+        future = self._blobs._submit(
+            "upload_part", Bucket=self._bucket, Key=self._name, UploadId=self._id, PartNumber=number, Body=part
+        )
+        self._in_flight.append((number, future))
+        while len(self._in_flight) >= self._blobs.concurrency:
+            self._settle()
+
+    def _settle(self) -> None:
+        number, future = self._in_flight.pop(0)
+        self._done.append({"PartNumber": number, "ETag": future.result()["ETag"]})
+
+    def complete(self) -> None:
+        while self._in_flight:
+            self._settle()
+        self._blobs._call(
+            "complete_multipart_upload",
+            Bucket=self._bucket,
+            Key=self._name,
+            UploadId=self._id,
+            MultipartUpload={"Parts": self._done},
+        )
+
+    def abort(self) -> None:
+        for _, future in self._in_flight:
+            future.cancel()
+        if self._id is not None:
+            try:
+                self._blobs._call("abort_multipart_upload", Bucket=self._bucket, Key=self._name, UploadId=self._id)
+            except OSError:
+                pass  # the next writer's cleanup aborts it
 
 
 def _server_age(response: dict[str, Any], stamp: _dt.datetime) -> float:
