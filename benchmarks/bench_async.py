@@ -313,7 +313,8 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     names = [n for n in results[0]["contenders"] if "stall_s" in results[0]["contenders"][n]]
     sizes = [r["gigabytes"] for r in results]
     for name in names:
-        ax.plot(sizes, [r["contenders"][name]["stall_s"] for r in results], marker="o", label=name)
+        stalls = [max(r["contenders"][name]["stall_s"], 1e-4) for r in results]  # log axis: 0 shows as 0.1 ms
+        ax.plot(sizes, stalls, marker="o", label=name)
     ax.set_xlabel("state size (GB)")
     ax.set_ylabel("training stall (s, median)")
     ax.set_xscale("log")
