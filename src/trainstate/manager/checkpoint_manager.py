@@ -265,18 +265,18 @@ class CheckpointManager:
     # ----------------------------------------------------------------- queries
     def steps(self) -> list[int]:
         """Steps of all committed checkpoints, ascending (in tiered mode: local or remote)."""
-        with self._index_lock:
-            local = set(self._index)
-        return sorted(local | set(self._tier.steps() if self._tier is not None else ()))
+        return sorted(info.step for info in self._infos())
 
     def _infos(self) -> list[CheckpointInfo]:
+        """What the index knows of every committed step (local first, then the remote tier's)."""
         with self._index_lock:
             infos = dict(self._index)
         tier = self._tier
-        for step in tier.steps() if tier is not None else ():
-            info = tier.info(step) if tier is not None else None
-            if info is not None:
-                infos.setdefault(step, info)
+        if tier is not None:
+            for step in tier.steps():
+                info = tier.info(step)
+                if info is not None:
+                    infos.setdefault(step, info)
         return list(infos.values())
 
     def latest_step(self) -> int | None:
@@ -320,7 +320,8 @@ class CheckpointManager:
             self._scan()
             for candidate in reversed(self.steps()):
                 try:
-                    with CheckpointReader(self._sources(candidate)[0], step_name(candidate)) as reader:
+                    where = (self._sources(candidate) or [self._storage])[0]
+                    with CheckpointReader(where, step_name(candidate)) as reader:
                         return peek_reader(reader)
                 except CheckpointNotFoundError:
                     break  # removed meanwhile (a concurrent writer's retention): scan again
