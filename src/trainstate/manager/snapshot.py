@@ -72,10 +72,6 @@ class Staged:
     def wait(self) -> None:
         self._done.wait()
 
-    @property
-    def copied(self) -> bool:
-        return self._done.is_set()
-
 
 def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     devices = {live.device for live, _ in pairs if live.device.type == "cuda"}

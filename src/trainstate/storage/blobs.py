@@ -127,10 +127,6 @@ class Blobs:
     def abort(self, upload: Upload) -> None:
         return None
 
-    def forget(self) -> None:
-        """Drop whatever the filesystem cached about listings (other writers change them)."""
-        self.fs.invalidate_cache()
-
 
 def _age(info: dict[str, Any]) -> float:
     for field in ("LastModified", "mtime", "modified", "created", "updated"):
