@@ -3,6 +3,8 @@
 MLP with dropout, AdamW, OneCycleLR, a shuffled DataLoader, RNG capture, metrics; it saves every
 ``--save-every`` steps, on SIGTERM, and resumes from the newest good checkpoint when restarted.
 Each step prints ``step <n> epoch <e> loss <float.hex()>`` so runs can be compared bit for bit.
+``--loop run`` runs the same training through `trainstate.Run` (three added lines instead of the
+hand-wired manager loop); both produce the same losses.
 
     python examples/train.py --dir runs/demo --total-steps 60
 """
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--loader", choices=["plain", "stateful"], default="plain")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--async-save", action="store_true")
+    parser.add_argument("--loop", choices=["manager", "run"], default="manager")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -61,6 +64,9 @@ def main() -> None:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-2, total_steps=args.total_steps)
     loader = make_loader(make_dataset(), args.loader, args.workers)
     sampler = loader.sampler
+    if args.loop == "run":
+        train_with_run(args, model, optimizer, scheduler, loader)
+        return
     state = {
         "model": model,
         "optimizer": optimizer,
@@ -95,6 +101,30 @@ def main() -> None:
                 if step >= args.total_steps:
                     break
     if step >= args.total_steps:
+        trainstate.save(os.path.join(args.dir, "final"), {"model": model, "optimizer": optimizer}, overwrite=True)
+        print("done", flush=True)
+
+
+def train_with_run(args: argparse.Namespace, model, optimizer, scheduler, loader) -> None:
+    """The same loop through `trainstate.Run`: restore, RNG, data position, triggers and preemption."""
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    with trainstate.Run(
+        args.dir, state, loader=loader, every_n_steps=args.save_every, keep_last=3, async_save=args.async_save,
+        preemption_signals=[signal.SIGTERM],
+    ) as run:  # fmt: skip
+        print(f"start {run.step} pid {os.getpid()}", flush=True)
+        for inputs, targets in run.batches(max_steps=args.total_steps):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            epoch = loader.sampler.state_dict()["epoch"]
+            print(f"step {run.step} epoch {epoch} loss {loss.item().hex()}", flush=True)
+            run.report(loss=loss)
+        if run.stopped:
+            print(f"stopping: {run.stop_reason}", flush=True)
+    if run.step >= args.total_steps:
         trainstate.save(os.path.join(args.dir, "final"), {"model": model, "optimizer": optimizer}, overwrite=True)
         print("done", flush=True)
 

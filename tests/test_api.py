@@ -336,7 +336,7 @@ def test_wrapped_modules_save_their_own_keys_and_load_either_way(tmp_path, make_
     assert list(saved["model"]) == list(model.state_dict()) == list(saved["parallel"])
     for target in (make_mlp(1), torch.compile(make_mlp(1)), torch.nn.DataParallel(make_mlp(1))):
         trainstate.load(tmp_path / "c", {"model": target})
-        assert torch.equal(trainstate.format.codec.unwrap_module(target)[0].weight, model[0].weight)
+        assert torch.equal(trainstate.format.torch_codecs.unwrap_module(target)[0].weight, model[0].weight)
 
 
 def test_prefixed_state_dicts_from_other_tools_load_into_a_plain_module(tmp_path, make_mlp):

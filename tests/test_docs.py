@@ -10,6 +10,7 @@ import pytest
 MODULES = [
     "trainstate.api",
     "trainstate.rng",
+    "trainstate.run",
     "trainstate.data",
     "trainstate.manager.checkpoint_manager",
     "trainstate.manager.early_stopping",

@@ -6,7 +6,7 @@ import torch
 
 import trainstate
 from trainstate.format import CheckpointReader, LoadPlan, ReadItem, TensorLoader, execute_load
-from trainstate.format.tensorfile import read_header
+from trainstate.format.header import read_header
 from trainstate.storage import split_path
 
 

@@ -16,6 +16,7 @@ EXPECTED = {
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "RNGState",
+    "Run",
     "StateMismatchError",
     "UnsafeCheckpointError",
     "UnsupportedFormatError",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from trainstate._lazy import lazy_attributes
 from trainstate._version import __version__
 from trainstate.errors import (
     CheckpointError,
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from trainstate.data import ResumableSampler
     from trainstate.manager import CheckpointManager, EarlyStopping
     from trainstate.rng import RNGState
+    from trainstate.run import Run
 
 # `import trainstate` stays cheap (no torch) until one of these is touched: the CLI's --version and
 # tools that only catch trainstate's errors never pay for torch.
@@ -35,27 +37,22 @@ _LAZY = {
     "CheckpointManager": "trainstate.manager",
     "EarlyStopping": "trainstate.manager",
     "RNGState": "trainstate.rng",
+    "Run": "trainstate.run",
 }
 
 
-_SUBMODULES = frozenset({"api", "convert", "data", "distributed", "format", "loaders", "manager", "rng", "storage"})
+_SUBMODULES = frozenset(
+    {"api", "convert", "data", "distributed", "format", "integrations", "loaders", "manager", "rng", "run", "storage"}
+)
+_exported, __dir__ = lazy_attributes(globals(), _LAZY)
 
 
 def __getattr__(name: str) -> Any:
-    import importlib
-
     if name in _SUBMODULES:  # ``trainstate.api.x`` without importing trainstate.api first
+        import importlib
+
         return importlib.import_module(f"trainstate.{name}")
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'trainstate' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return _exported(name)
 
 
 __all__ = [
@@ -70,6 +67,7 @@ __all__ = [
     "Peek",
     "RNGState",
     "ResumableSampler",
+    "Run",
     "StateMismatchError",
     "UnsafeCheckpointError",
     "UnsupportedFormatError",

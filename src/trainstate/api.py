@@ -12,8 +12,10 @@ import torch
 
 from trainstate.distributed import active_world
 from trainstate.errors import CorruptCheckpointError, StateMismatchError, UnsupportedValueError
-from trainstate.format.codec import is_stateful, unwrap_module
-from trainstate.format.reader import CheckpointReader, MapLocation, TensorLoader
+from trainstate.format.codec import is_stateful
+from trainstate.format.loader import MapLocation, TensorLoader
+from trainstate.format.reader import CheckpointReader
+from trainstate.format.torch_codecs import unwrap_module
 from trainstate.format.tree import Path, children, format_path, holds_tensors, matching_leaves, tag, unwrap
 from trainstate.format.writer import DEFAULT_SHARD_BYTES, SavePlan, execute_save, frozen_paths, plan_save
 from trainstate.loaders import adapt_for_save, is_stateful_loader, restore_loader

@@ -60,3 +60,49 @@ def test_missing_typer_gives_the_install_hint(monkeypatch, capsys):
         main()
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == "trainstate: the command line needs typer: pip install 'trainstate[cli]'\n"
+
+
+# What each command may import: the ones that only read manifests never import torch (about 1.6 s on
+# this machine) or numpy; verify hashes files and reads headers, without torch too.
+TORCH_FREE = [
+    ["--help"],
+    ["ls", "{run}"],
+    ["ls", "{run}", "--json"],
+    ["inspect", "{run}/step_00000500"],
+    ["inspect", "{run}/step_00000500", "--json"],
+    ["verify", "{run}"],
+    ["prune", "{run}", "--keep-last", "1", "--dry-run"],
+    ["convert", "--help"],
+    ["export", "--help"],
+    ["diff", "--help"],
+]
+
+
+@pytest.mark.parametrize("args", TORCH_FREE, ids=" ".join)
+def test_reading_commands_never_import_torch(run_dir, args):
+    import json
+    import subprocess
+
+    argv = ["trainstate", *(a.format(run=run_dir) for a in args)]
+    probe = (
+        "import sys; from trainstate.cli import main; sys.argv = " + json.dumps(argv) + "\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, 'imported torch or numpy'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout
+
+
+def test_tensor_commands_import_torch_when_they_run(run_dir, tmp_path):
+    import subprocess
+
+    argv = ["trainstate", "export", str(run_dir / "step_00000500"), str(tmp_path / "w.safetensors")]
+    probe = (
+        f"import sys; from trainstate.cli import main; sys.argv = {argv!r}\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "w.safetensors").stat().st_size > 0

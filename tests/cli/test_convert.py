@@ -255,20 +255,18 @@ def test_every_command_works_on_converted_checkpoints(cli, sources, tmp_path, ki
 def test_docstring_examples_run():
     import doctest
 
-    import trainstate.convert
+    import trainstate.convert.conversions
     import trainstate.convert.unpickle
 
-    results = [
-        doctest.testmod(m, optionflags=doctest.ELLIPSIS) for m in (trainstate.convert, trainstate.convert.unpickle)
-    ]
+    modules = (trainstate.convert.conversions, trainstate.convert.unpickle)
+    results = [doctest.testmod(m, optionflags=doctest.ELLIPSIS) for m in modules]
     assert sum(r.attempted for r in results) == 10 and sum(r.failed for r in results) == 0
 
 
 def test_source_formats_are_an_open_registry(tmp_path, monkeypatch):
     """Every kind the CLI offers has a format; a new one is one more entry, detected before the
     catch-all ``torch`` file and read through the same `read_source`/`to_trainstate` path."""
-    from trainstate import convert
-    from trainstate.convert import FORMATS, SOURCE_KINDS, ReadOptions, Source, SourceFormat
+    from trainstate.convert import FORMATS, SOURCE_KINDS, ReadOptions, Source, SourceFormat, conversions
 
     assert set(FORMATS) == set(SOURCE_KINDS)
     assert list(FORMATS)[-1] == "torch"  # tried last: any file is a candidate torch.save file
@@ -280,10 +278,10 @@ def test_source_formats_are_an_open_registry(tmp_path, monkeypatch):
             return Source("npy-text", path, {"values": [float(x) for x in f.read().split()]})
 
     custom = SourceFormat("npy-text", lambda path: path.endswith(".txt"), read)
-    monkeypatch.setattr(convert, "FORMATS", {"npy-text": custom, **FORMATS})
+    monkeypatch.setattr(conversions, "FORMATS", {"npy-text": custom, **FORMATS})
     src = tmp_path / "values.txt"
     src.write_text("1.5 2.5")
-    assert convert.detect_source(src) == "npy-text"
-    convert.to_trainstate(src, tmp_path / "out", trust_pickle=False)
+    assert conversions.detect_source(src) == "npy-text"
+    conversions.to_trainstate(src, tmp_path / "out", trust_pickle=False)
     assert trainstate.load(tmp_path / "out") == {"values": [1.5, 2.5]}
     assert seen[0].detected and not seen[0].trust_pickle

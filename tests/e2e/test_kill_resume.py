@@ -182,3 +182,32 @@ def test_killed_run_with_damaged_newest_checkpoints_falls_back_and_finishes(tmp_
     aside = sorted(p.name.partition("@")[0] for p in (tmp_path / "trainstate-quarantine").iterdir())
     assert aside == [f"step_{s:08d}" for s in steps[-2:]]
     assert trainstate.CheckpointManager(tmp_path).latest_step() == TOTAL
+
+
+# The same training through `trainstate.Run` (examples/train.py --loop run): killed and resumed, it must
+# produce the hand-wired manager loop's uninterrupted losses and final state, bit for bit.
+RUN_LOOP = ["--loop", "run"]
+
+
+@pytest.mark.parametrize("kill_at", KILL_STEPS[:1])
+def test_run_wrapper_sigkilled_resumes_as_the_manager_loop(tmp_path, reference, kill_at):
+    args = ["--save-every", "4"]
+    run = Run()
+    assert _launch(TRAIN, tmp_path, [*args, *RUN_LOOP], run, stop_at=kill_at) == -signal.SIGKILL
+    assert _launch(TRAIN, tmp_path, [*args, *RUN_LOOP], run) == 0, "".join(run.outputs)
+    assert run.starts[0] == 0 and 4 * ((kill_at - 1) // 4) <= run.starts[1] <= max(run.losses)
+    _assert_identical(reference(args), run, tmp_path)
+
+
+def test_run_wrapper_killed_inside_a_save_and_preempted(tmp_path, reference):
+    args = ["--save-every", "13"]  # checkpoints at the epoch ends 13, 26, 39
+    run = Run()
+    code = _launch(KILL_DURING_SAVE, tmp_path, [*args, *RUN_LOOP], run, env={"KILL_DURING_SAVE_STEP": "26"})
+    assert code == -signal.SIGKILL and max(run.losses) == 26
+    assert _launch(TRAIN, tmp_path, [*args, *RUN_LOOP], run, stop_at=30, sig=signal.SIGTERM) == 0
+    assert run.starts[1] == 13 and any(line.startswith("stopping: preempted by SIGTERM") for line in run.outputs)
+    emergency = max(run.losses)
+    assert trainstate.CheckpointManager(tmp_path).latest_step() == emergency >= 30
+    assert _launch(TRAIN, tmp_path, [*args, *RUN_LOOP], run) == 0, "".join(run.outputs)
+    assert run.starts[2] == emergency
+    _assert_identical(reference(args), run, tmp_path)

@@ -87,7 +87,7 @@ def _rewrite_metadata(ckpt: Path, **changes: Any) -> None:
 
 def _fail_torch_empty(exc: BaseException) -> Callable[[pytest.MonkeyPatch], None]:
     def patch(monkeypatch: pytest.MonkeyPatch) -> None:
-        import trainstate.format.reader as reader
+        import trainstate.format.loader as loader
 
         real = torch.empty
 
@@ -101,7 +101,7 @@ def _fail_torch_empty(exc: BaseException) -> Callable[[pytest.MonkeyPatch], None
                     raise exc
                 return real(*args, **kwargs)
 
-        monkeypatch.setattr(reader, "torch", Torch())
+        monkeypatch.setattr(loader, "torch", Torch())
 
     return patch
 

@@ -14,7 +14,8 @@ from trainstate.cli._ui import parse_time
 from trainstate.errors import CheckpointError, CheckpointNotFoundError
 from trainstate.format import MANIFEST_NAME, CheckpointReader, Manifest
 from trainstate.format.codec import format_path
-from trainstate.format.tensorfile import HeaderEntry, dtype_from_name, stored_as
+from trainstate.format.dtypes import dtype_info, stored_as_name
+from trainstate.format.header import HeaderEntry
 from trainstate.manager import CheckpointInfo, KeepBest, parse_step_name
 from trainstate.manager.catalog import catalog_entry
 from trainstate.storage import (
@@ -284,7 +285,7 @@ def verify_entry(reader: CheckpointReader, advance: Callable[[int], None] = lamb
                     problems.append(f"{where}: key {key!r}: tensor {stored_key!r} is missing from the file")
                 else:
                     dtype, shape = value.node.get("dtype"), value.node.get("shape")  # as stored, also for numpy
-                    expected = stored_as(dtype_from_name(dtype, where=f"{reader.where}: key {key!r}"), shape or [])
+                    expected = stored_as_name(dtype_info(dtype, where=f"{reader.where}: key {key!r}"), shape or [])
                     if (stored.st_dtype, stored.shape) != expected:
                         problems.append(
                             f"{where}: key {key!r}: stored as {stored.st_dtype}{list(stored.shape)}, "

@@ -10,8 +10,7 @@ from typing import Any
 from trainstate.errors import CorruptCheckpointError
 from trainstate.format import tree
 from trainstate.format.codec import Decoder
-from trainstate.format.codec import numpy_dtype as parse_numpy_dtype
-from trainstate.format.tensorfile import dtype_from_name, dtype_name
+from trainstate.format.dtypes import dtype_info, numpy_dtype_info
 from trainstate.format.tree import TENSOR_TAGS, Path, format_path
 from trainstate.format.tree import tag as _tag
 from trainstate.format.tree import unwrap as _unwrap
@@ -51,12 +50,12 @@ class TensorRef:
             raise CorruptCheckpointError(f"{where}: invalid shape {shape!r}")
         if numpy_dtype is not None:
             try:
-                dtype = parse_numpy_dtype(numpy_dtype)  # the codec's strict parser, never np.dtype on raw text
+                info = numpy_dtype_info(numpy_dtype)  # the codec's strict grammar, never np.dtype on raw text
             except ValueError:
                 raise CorruptCheckpointError(f"{where}: invalid numpy dtype {numpy_dtype!r}") from None
-            return cls(node, f"numpy.{dtype.name}", tuple(shape), dtype.itemsize)
-        torch_dtype = dtype_from_name(node.get("dtype"), where=where)
-        return cls(node, dtype_name(torch_dtype), tuple(shape), torch_dtype.itemsize)
+            return cls(node, f"numpy.{info.name}", tuple(shape), info.itemsize)
+        info = dtype_info(node.get("dtype"), where=where)
+        return cls(node, info.name, tuple(shape), info.itemsize)
 
     @property
     def numel(self) -> int:

@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Annotated, Any, NoReturn, TypeVar
 
-import numpy as np
-import torch
 import typer
+from rich.cells import cell_len
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -28,12 +27,13 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.text import Text
+from rich.text import Span, Text
 
 from trainstate.errors import CheckpointError
 
 __all__ = [
     "Better",
+    "Columns",
     "Debug",
     "Filters",
     "Json",
@@ -60,6 +60,44 @@ Filters = Annotated[
         "--filter", "-f", metavar="GLOB", help="Only keys matching this glob or prefix, e.g. 'model.*' (repeatable)."
     ),
 ]
+
+
+class Columns:
+    """A listing: columns aligned by padding, two spaces apart, one line per row, never folded.
+
+    rich's ``Table`` lays out every cell through its measuring engine, about a millisecond a row:
+    a second for ``trainstate ls`` of 1,000 checkpoints. A listing only needs column widths.
+    """
+
+    def __init__(self, *columns: str, right: tuple[str, ...] = ()) -> None:
+        self.names = columns
+        self.right = frozenset(right)
+        self.rows: list[tuple[Text, ...]] = []
+
+    def add_row(self, *cells: str | Text) -> None:
+        self.rows.append(tuple(cell if isinstance(cell, Text) else Text(cell) for cell in cells))
+
+    def render(self) -> Text:
+        header = tuple(Text(name, style="bold") for name in self.names)
+        lines = [header, *self.rows]
+        widths = [max(cell_len(line[i].plain) for line in lines) for i in range(len(self.names))]
+        right = [name in self.right for name in self.names]
+        parts: list[str] = []
+        spans: list[Span] = []
+        offset = 0
+        for line in lines:
+            for i, cell in enumerate(line):
+                pad = " " * (widths[i] - cell_len(cell.plain))
+                text = cell.plain
+                start = offset + (len(pad) if right[i] else 0)
+                spans += [Span(start, start + len(text), cell.style)] if cell.style else []
+                spans += [Span(start + span.start, start + span.end, span.style) for span in cell.spans]
+                last = i == len(widths) - 1
+                piece = pad + text if right[i] else text + ("" if last else pad)
+                piece += "\n" if last else "  "
+                parts.append(piece)
+                offset += len(piece)
+        return Text("".join(parts).removesuffix("\n"), spans=spans)
 
 
 class Better(str, enum.Enum):
@@ -279,8 +317,9 @@ def jsonable(value: Any) -> Any:
         return [jsonable(v) for v in value]
     if isinstance(value, bytes):
         return {"bytes": base64.b64encode(value).decode()}
-    if isinstance(value, torch.Tensor):
-        return jsonable(value.tolist())
-    if isinstance(value, (np.ndarray, np.generic)):
+    np, torch = sys.modules.get("numpy"), sys.modules.get("torch")  # no array exists before its library is imported
+    if (np is not None and isinstance(value, (np.ndarray, np.generic))) or (
+        torch is not None and isinstance(value, torch.Tensor)
+    ):
         return jsonable(value.tolist())
     return str(value)

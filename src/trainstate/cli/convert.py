@@ -10,7 +10,7 @@ import typer
 from trainstate.cli._scan import reader_at, storage_at, storage_options
 from trainstate.cli._tree import TensorRef, children, leaves
 from trainstate.cli._ui import UI, Debug, Json, Quiet, command, fail, format_bytes, usage_error
-from trainstate.convert import SOURCE_KINDS, TORCH_SUFFIXES, detect_source, to_torch_file, to_trainstate
+from trainstate.convert.kinds import SOURCE_KINDS, TORCH_SUFFIXES
 from trainstate.errors import UnsupportedValueError
 from trainstate.storage import local_path, scheme_of
 
@@ -60,6 +60,8 @@ def convert(
 ) -> None:
     if source is not None and source not in SOURCE_KINDS:
         usage_error(f"{source!r} is not one of {', '.join(SOURCE_KINDS)}", param="--from")
+    from trainstate.convert import detect_source, to_torch_file, to_trainstate
+
     ui = UI(json_output=json_output, quiet=quiet)
     if trust_pickle:
         ui.warn(f"--trust-pickle: unpickling {src} fully; this runs any code the file contains")

@@ -4,19 +4,20 @@ which hyper-parameters and metrics differ."""
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from trainstate.api import tensor_source
 from trainstate.cli._scan import open_checkpoint
 from trainstate.cli._tree import TensorRef, leaves, matches
 from trainstate.cli._ui import UI, Debug, Filters, Json, Quiet, command, format_number, format_value
 from trainstate.format import CheckpointReader
 from trainstate.format.codec import Path, format_path
+
+if TYPE_CHECKING:
+    import torch
 
 HELP = "Compare two checkpoints: changed tensors (max |Δ|, relative L2), added/removed/reshaped keys, values, metrics."
 EPILOG = """\
@@ -35,6 +36,8 @@ Examples:
 
 def _stats(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float] | None:
     """(max |a-b|, ||a-b|| / ||a||) or None when equal (NaNs in the same places count as equal)."""
+    import torch
+
     if torch.equal(a, b):
         return None
     if a.dtype == torch.bool:
@@ -79,6 +82,10 @@ def _batches(
 
 
 def _read(reader: CheckpointReader, refs: dict[Path, TensorRef]) -> dict[Path, Any]:
+    import torch
+
+    from trainstate.api import tensor_source
+
     _, loader, _ = tensor_source(reader, map_location="cpu", verify=False)
     values = {path: reader.decode(ref.node, loader, path=path) for path, ref in refs.items()}
     loader.fill()

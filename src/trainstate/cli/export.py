@@ -9,20 +9,20 @@ import os
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 
-from trainstate.api import tensor_source
 from trainstate.cli._scan import open_checkpoint
 from trainstate.cli._tree import TensorRef, category, children, find, is_tensor, leaves
 from trainstate.cli._ui import UI, Debug, Json, Quiet, command, fail, format_bytes, usage_error
-from trainstate.convert import TORCH_SUFFIXES
+from trainstate.convert.kinds import TORCH_SUFFIXES
 from trainstate.format import CheckpointReader
 from trainstate.format.codec import Path, format_path
-from trainstate.format.tensorfile import SAFETENSORS_DTYPES, byte_view, dtype_from_name
 from trainstate.storage import atomic_write_file, local_path
+
+if TYPE_CHECKING:
+    import torch
 
 HELP = "Export the model weights of a checkpoint to .safetensors (default) or .pt, with key remapping and dtype cast."
 EPILOG = """\
@@ -39,18 +39,18 @@ Examples:
 """
 
 _MODEL_KEYS = ("model", "state_dict", "module", "model_state_dict")
-_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp64": torch.float64,
-    "float64": torch.float64,
-    "double": torch.float64,
+_DTYPES = {  # --dtype spelling -> torch dtype name (torch is imported only once the export runs)
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+    "float": "float32",
+    "fp64": "float64",
+    "float64": "float64",
+    "double": "float64",
 }
 
 
@@ -94,6 +94,10 @@ def _remap(keys: list[str], strip: str | None, prefix: str | None, ui: UI) -> li
 
 def _load_one(reader: CheckpointReader, path: Path, ref: TensorRef) -> torch.Tensor:
     """One tensor, read on its own (its files were verified up front)."""
+    import torch
+
+    from trainstate.api import tensor_source
+
     _, loader, _ = tensor_source(reader, map_location="cpu", verify=False)
     value = reader.decode(ref.node, loader, path=path)
     loader.fill()
@@ -101,6 +105,8 @@ def _load_one(reader: CheckpointReader, path: Path, ref: TensorRef) -> torch.Ten
 
 
 def _safetensors_dtype(dtype: torch.dtype, target: str) -> str:
+    from trainstate.format.tensorfile import SAFETENSORS_DTYPES
+
     name = SAFETENSORS_DTYPES.get(dtype)
     if name is None:  # trainstate's own files keep such tensors as raw bytes; an export must be portable
         fail(f"{target}: safetensors cannot store {dtype} tensors; use --format pt or --dtype")
@@ -113,6 +119,8 @@ def _stream_safetensors(
     """Write a safetensors file one tensor at a time: the header from the manifest's dtypes and
     shapes, then each tensor read, written and freed, so memory stays at the largest tensor (a
     sharded model never needs to fit in memory at once)."""
+    from trainstate.format.tensorfile import byte_view
+
     ordered = sorted(items, key=lambda item: (-item[1].itemsize, item[0]))  # aligned, no gaps, as safetensors orders
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -174,7 +182,11 @@ def export(
         skipped = [format_path(p) for p, v in items if not isinstance(v, TensorRef)]
         names = [format_path(p[len(base) :]) if len(p) > len(base) else str(p[-1]) for p in refs]
         names = _remap(names, strip_prefix, prefix, ui)
-        cast = _DTYPES[dtype.lower()] if dtype else None
+        import torch
+
+        from trainstate.format.tensorfile import dtype_from_name
+
+        cast = dtype_from_name(_DTYPES[dtype.lower()], where="--dtype") if dtype else None
         if not no_verify:
             with ui.progress(f"verifying {reader.where}", None):
                 reader.verify()  # once, up front: the tensors are then read one at a time

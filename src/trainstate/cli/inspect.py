@@ -10,7 +10,6 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from trainstate.api import tensor_source
 from trainstate.cli._scan import open_checkpoint
 from trainstate.cli._tree import (
     TensorRef,
@@ -125,6 +124,8 @@ def _small_values(reader: CheckpointReader, refs: dict[Path, TensorRef], limit: 
     wanted = {path: ref for path, ref in refs.items() if ref.numel <= limit}
     if not wanted:
         return {}
+    from trainstate.api import tensor_source  # reading tensor data is the one part that needs torch
+
     _, loader, _ = tensor_source(reader, map_location="cpu", verify=False)  # just these byte ranges
     decoded = {path: reader.decode(ref.node, loader, path=path) for path, ref in wanted.items()}
     loader.fill()

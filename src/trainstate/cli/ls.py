@@ -6,11 +6,22 @@ import datetime as _dt
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from trainstate.cli._scan import Entry, Scan, reader_at, scan, verify_entry
-from trainstate.cli._ui import UI, Better, Debug, Json, Mode, Quiet, command, format_age, format_bytes, format_number
+from trainstate.cli._ui import (
+    UI,
+    Better,
+    Columns,
+    Debug,
+    Json,
+    Mode,
+    Quiet,
+    command,
+    format_age,
+    format_bytes,
+    format_number,
+)
 
 HELP = "List the checkpoints of a directory: step, epoch, metrics, size, age, status, latest and best."
 EPILOG = """\
@@ -102,15 +113,10 @@ def ls(
         ui.print(f"{found.directory}: no checkpoints")
         return
     metric_names = found.metric_names()
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    table.add_column("checkpoint")
-    table.add_column("step", justify="right")
-    table.add_column("epoch", justify="right")
-    for name in metric_names:
-        table.add_column(name, justify="right")
-    table.add_column("size", justify="right")
-    table.add_column("age", justify="right")
-    table.add_column("status")
+    table = Columns(
+        "checkpoint", "step", "epoch", *metric_names, "size", "age", "status",
+        right=("step", "epoch", *metric_names, "size", "age"),
+    )  # fmt: skip
     for entry, row in zip(found.entries, rows, strict=True):
         markers = [m for m, on in (("latest", row["latest"]), ("best", row["best"])) if on]
         status = Text(entry.status, style=_STATUS_STYLE[entry.status])
@@ -125,7 +131,7 @@ def ls(
             format_age(row["age_s"]),
             status,
         )
-    ui.print(table)
+    ui.print(table.render())
     summary = f"{len(found.committed)} of {len(found.entries)} checkpoints ok"
     if latest is not None:
         summary += f"; latest step {latest.step}"

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from trainstate.cli._scan import scan, storage_at
 from trainstate.cli._ui import (
     UI,
     Better,
+    Columns,
     Debug,
     Json,
     Mode,
@@ -168,14 +168,8 @@ def prune(
             }
         )
         return
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    table.add_column("checkpoint")
-    table.add_column("step", justify="right")
-    if monitor:
-        table.add_column(monitor, justify="right")
-    table.add_column("size", justify="right")
-    table.add_column("action")
-    table.add_column("kept by")
+    metric = [monitor] if monitor else []
+    table = Columns("checkpoint", "step", *metric, "size", "action", "kept by", right=("step", *metric, "size"))
     verb = "would delete" if dry_run else "deleted"
     for row in rows:
         action = Text("keep", style="green") if row["action"] == "keep" else Text(verb, style="bold red")
@@ -188,7 +182,7 @@ def prune(
             ", ".join(row["reasons"]),
         )
     if rows:
-        ui.print(table)
+        ui.print(table.render())
     freed = sum(r["size"] for r in deleted)
     ui.print(
         f"{verb} {len(deleted)} of {len(rows)} checkpoints ({format_bytes(freed)})" + (" (dry run)" if dry_run else "")

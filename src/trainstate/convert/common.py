@@ -20,17 +20,9 @@ from trainstate.errors import (
 )
 from trainstate.format.tree import format_path, rebuild
 
-__all__ = ["Progress", "ReadOptions", "SOURCE_KINDS", "Source", "SourceFormat", "TORCH_SUFFIXES"]
+__all__ = ["Progress", "ReadOptions", "Source", "SourceFormat"]
 
 logger = logging.getLogger(__name__)
-
-
-SOURCE_KINDS = ("torch", "lightning", "hf-trainer", "dcp")
-"""What `read_source` understands; ``"trainstate"`` is what `detect_source` says for our own checkpoints."""
-
-
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-"""File suffixes read with ``torch.load`` (and written by `to_torch_file`)."""
 
 
 Progress = Callable[[str], None]

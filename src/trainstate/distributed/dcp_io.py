@@ -31,12 +31,13 @@ from torch.futures import Future
 
 from trainstate.errors import CorruptCheckpointError, UnsupportedFormatError, UnsupportedValueError
 from trainstate.format.hashing import new_hasher
+from trainstate.format.header import read_header, valid_shape
 from trainstate.format.load_plan import LoadPlan as ReadPlan
 from trainstate.format.load_plan import ReadItem as ByteRange
 from trainstate.format.load_plan import execute_load
 from trainstate.format.manifest import FileEntry
 from trainstate.format.reader import CheckpointReader
-from trainstate.format.tensorfile import dtype_from_name, dtype_name, encode_file, read_header, stored_as, valid_shape
+from trainstate.format.tensorfile import dtype_from_name, dtype_name, encode_file, stored_as
 from trainstate.storage.base import PendingCheckpoint
 
 __all__ = ["ShardReader", "ShardWriter", "chunk_key", "chunk_problems", "rank_errors", "shard_file"]

@@ -48,10 +48,12 @@ from trainstate.errors import (
     StateMismatchError,
     UnsupportedValueError,
 )
-from trainstate.format.codec import TAG, Encoder, StateSnapshot, qualified_type, unwrap_module
+from trainstate.format.codec import TAG, Encoder, StateSnapshot, qualified_type
+from trainstate.format.header import valid_shape
 from trainstate.format.manifest import FORMAT_VERSION, MAX_MANIFEST_BYTES, FileEntry, Manifest
 from trainstate.format.reader import CheckpointReader
-from trainstate.format.tensorfile import dtype_from_name, dtype_name, valid_shape
+from trainstate.format.tensorfile import dtype_from_name, dtype_name
+from trainstate.format.torch_codecs import unwrap_module
 from trainstate.format.tree import Path, any_node, format_path, rebuild
 from trainstate.format.writer import environment
 from trainstate.storage.base import Storage

@@ -13,19 +13,16 @@ import math
 import pickle
 import re
 import struct
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import numpy as np
-import torch
-from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
+from typing import TYPE_CHECKING, Any, Protocol
 
 from trainstate.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, UnsupportedValueError
-from trainstate.format.tensorfile import MAX_NDIM, dtype_from_name, dtype_name
 from trainstate.format.tree import TAG, Path, dict_entries, format_path
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "TAG",
@@ -38,9 +35,7 @@ __all__ = [
     "format_path",
     "is_plain_str",
     "is_stateful",
-    "numpy_dtype",
     "qualified_type",
-    "unwrap_module",
 ]
 
 MAX_DEPTH = 100
@@ -50,7 +45,8 @@ _SAFE_INT = 2**53
 def is_stateful(value: object) -> bool:
     """Whether ``value`` is a live object saved through ``state_dict()``/``load_state_dict()``."""
     return (
-        not isinstance(value, (torch.Tensor, dict, type))
+        not isinstance(value, (dict, type))
+        and _by_isinstance(value) is None  # a tensor subclass with a state_dict is still a tensor
         and callable(getattr(value, "state_dict", None))
         and callable(getattr(value, "load_state_dict", None))
     )
@@ -72,6 +68,9 @@ class Encoder:
     allow_pickle: bool = False
     where: str = ""
     _depth: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _torch_codecs()  # values to encode may be torch objects: their codecs must be registered
 
     def encode(self, value: Any, path: Path = ()) -> Any:
         if self._depth >= MAX_DEPTH:
@@ -138,7 +137,12 @@ class Decoder:
         if not isinstance(node, dict):
             return node
         tag = node.get(TAG)
-        codec = _BY_TAG.get(tag) if isinstance(tag, str) else None
+        if not isinstance(tag, str):
+            raise CorruptCheckpointError(f"{self.where}: {format_path(path)}: unknown value tag {tag!r}")
+        codec = _BY_TAG.get(tag)
+        if codec is None and tag in TORCH_TAGS:  # the first torch value this process decodes
+            _torch_codecs()
+            codec = _BY_TAG.get(tag)
         if codec is None:
             raise CorruptCheckpointError(f"{self.where}: {format_path(path)}: unknown value tag {tag!r}")
         try:
@@ -205,7 +209,8 @@ def _decode_str(node: dict[str, Any], path: Path, dec: Decoder) -> str:
 
 
 def _key(key: Any, path: Path, enc: Encoder) -> Any:
-    if isinstance(key, (torch.Tensor, np.ndarray)):
+    codec = _by_isinstance(key)
+    if codec is not None and codec.tag in ("tensor", "ndarray"):
         raise UnsupportedValueError(
             f"{enc.where}{format_path(path)}: dict key of type {type(key).__name__} is not supported"
         )
@@ -284,104 +289,6 @@ def _b64(node: dict[str, Any]) -> bytes:
     return base64.b64decode(node["v"], validate=True)
 
 
-def _encode_tensor(value: torch.Tensor, path: Path, enc: Encoder) -> dict[str, Any]:
-    if value.is_sparse or value.layout != torch.strided:
-        raise UnsupportedValueError(
-            f"{enc.where}{format_path(path)}: {value.layout} tensors are not supported; call .to_dense()"
-        )
-    if value.is_nested:
-        raise UnsupportedValueError(
-            f"{enc.where}{format_path(path)}: nested tensors are not supported; save tensor.unbind() (a list) instead"
-        )
-    if isinstance(value, UninitializedTensorMixin):
-        raise UnsupportedValueError(
-            f"{enc.where}{format_path(path)}: uninitialized lazy parameter (LazyLinear...); "
-            "run one forward pass before saving so it has a shape"
-        )
-    if value.is_quantized or value.device.type == "meta":
-        raise UnsupportedValueError(
-            f"{enc.where}{format_path(path)}: {'quantized' if value.is_quantized else 'meta'} tensors cannot be saved"
-        )
-    if value.dim() > MAX_NDIM:
-        raise UnsupportedValueError(
-            f"{enc.where}{format_path(path)}: {value.dim()} dimensions; at most {MAX_NDIM} are supported"
-        )
-    ref = enc.tensor(value, path)
-    if isinstance(value, torch.nn.Parameter):
-        return {**ref, "param": True, "requires_grad": value.requires_grad}
-    if value.requires_grad:
-        return {**ref, "requires_grad": True}
-    return ref
-
-
-def _encode_ndarray(value: np.ndarray, path: Path, enc: Encoder) -> dict[str, Any]:
-    if type(value) is not np.ndarray and not isinstance(value, np.memmap):
-        # A subclass carries more than its data (a masked array's mask, np.matrix's semantics).
-        raise UnsupportedValueError(
-            f"{enc.where}{format_path(path)}: numpy {type(value).__module__}.{type(value).__qualname__} is not "
-            "supported (it would load as a plain ndarray); save its parts (e.g. .data and .mask) as arrays"
-        )
-    if value.dtype.hasobject or value.dtype.fields is not None or value.dtype.kind not in "biufc":
-        raise UnsupportedValueError(
-            f"{enc.where}{format_path(path)}: numpy arrays of dtype {value.dtype} are not supported"
-        )
-    array = np.asarray(value) if value.flags.c_contiguous else value.copy(order="C")  # keeps 0-d arrays 0-d
-    node: dict[str, Any] = {"np_dtype": value.dtype.str}
-    if not value.dtype.isnative:
-        # Stored as raw bytes so that decoding is a zero-copy view (tensors are filled after decoding).
-        array, node["np_shape"] = array.reshape(-1).view(np.uint8), list(value.shape)
-    try:
-        with warnings.catch_warnings():  # a read-only array is only read here
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            tensor = torch.from_numpy(array)
-    except TypeError:
-        raise UnsupportedValueError(
-            f"{enc.where}{format_path(path)}: numpy dtype {value.dtype} has no torch equivalent"
-        ) from None
-    return {**enc.tensor(tensor, path), TAG: "ndarray", **node}
-
-
-_NUMPY_DTYPE = re.compile(r"[<>|=][biufc][0-9]{1,2}")
-
-
-def numpy_dtype(text: object) -> np.dtype:
-    """Only the plain dtype strings the encoder writes (``<f8``, ``|b1``...): ``np.dtype`` would
-    otherwise parse arbitrary text, with Python's compiler, for structured dtypes."""
-    if not isinstance(text, str) or not _NUMPY_DTYPE.fullmatch(text):
-        raise ValueError(f"invalid numpy dtype {text!r}")
-    return np.dtype(text)
-
-
-def _decode_ndarray(node: dict[str, Any], path: Path, dec: Decoder) -> np.ndarray | torch.Tensor:
-    dtype = numpy_dtype(node["np_dtype"])
-    if dtype.hasobject or dtype.kind not in "biufc":
-        raise ValueError(f"numpy dtype {dtype} is not allowed")
-    tensor = dec.tensor(node, path)
-    if tensor.is_meta:  # map_location="meta" (peek): shape and dtype only, there is no data to view
-        return tensor
-    array = tensor.cpu().numpy()  # not filled yet: only zero-copy views from here
-    if "np_shape" in node:
-        return array.view(dtype).reshape([int(d) for d in node["np_shape"]])
-    if array.dtype != dtype:
-        raise ValueError(f"stored dtype {array.dtype} does not match {dtype}")
-    return array
-
-
-def _encode_npscalar(value: np.generic, path: Path, enc: Encoder) -> dict[str, Any]:
-    if value.dtype.kind not in "biufc":
-        raise UnsupportedValueError(
-            f"{enc.where}{format_path(path)}: numpy scalars of dtype {value.dtype} are not supported"
-        )
-    return {TAG: "npscalar", "dtype": value.dtype.str, "v": _b64encode(value.tobytes())}
-
-
-def _decode_npscalar(node: dict[str, Any], path: Path, dec: Decoder) -> np.generic:
-    dtype = numpy_dtype(node["dtype"])
-    if dtype.kind not in "biufc":
-        raise ValueError(f"numpy dtype {dtype} is not allowed")
-    return np.frombuffer(_b64(node), dtype=dtype, count=1)[0]
-
-
 def _decode_pickle(node: dict[str, Any], path: Path, dec: Decoder) -> Any:
     if not dec.allow_pickle:
         raise UnsafeCheckpointError(
@@ -406,6 +313,13 @@ class StateSnapshot:
         raise TypeError("a state snapshot cannot be restored into")
 
 
+def _encode_stateful(value: Any, path: Path, enc: Encoder) -> dict[str, Any]:
+    from trainstate.format.torch_codecs import unwrap_module  # a module saved through its wrapper
+
+    value = unwrap_module(value)
+    return {TAG: "stateful", "type": qualified_type(value), "v": enc.encode(value.state_dict(), path)}
+
+
 def qualified_type(value: Any) -> str:
     """The recorded type name of a live object (a snapshot may carry its original's)."""
     name = getattr(value, "stateful_type", None)
@@ -413,37 +327,6 @@ def qualified_type(value: Any) -> str:
         return name
     kind = type(value)
     return f"{kind.__module__}.{kind.__qualname__}"
-
-
-def unwrap_module(value: Any) -> Any:
-    """The module inside ``torch.compile`` (``_orig_mod``), ``DistributedDataParallel`` and
-    ``DataParallel`` (``module``) wrappers, else ``value``: a checkpoint must not depend on how the
-    model happened to be wrapped (their state dict keys carry ``_orig_mod.`` / ``module.``)."""
-    while isinstance(value, torch.nn.Module):
-        if type(value).__name__ == "OptimizedModule":
-            inner = getattr(value, "_orig_mod", None)
-        elif isinstance(value, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            inner = getattr(value, "module", None)
-        else:
-            return value
-        if not isinstance(inner, torch.nn.Module):
-            return value
-        value = inner
-    return value
-
-
-def _encode_stateful(value: Any, path: Path, enc: Encoder) -> dict[str, Any]:
-    value = unwrap_module(value)
-    return {TAG: "stateful", "type": qualified_type(value), "v": enc.encode(value.state_dict(), path)}
-
-
-def _decode_device(node: dict[str, Any], path: Path, dec: Decoder) -> torch.device:
-    if not isinstance(node["v"], str) or len(node["v"]) > 64:
-        raise ValueError("device must be a short string")
-    try:
-        return torch.device(node["v"])
-    except RuntimeError:
-        raise ValueError(f"invalid device {node['v']!r}") from None
 
 
 _CODECS = [
@@ -464,48 +347,44 @@ _CODECS = [
     Codec("int", (int,), _encode_int, _decode_big_int),
     Codec("float", (float,), _encode_float, _decode_float),
     Codec("bytes", (bytes,), lambda v, p, e: {TAG: "bytes", "v": _b64encode(v)}, lambda n, p, d: _b64(n)),
-    Codec(
-        "size",
-        (torch.Size,),
-        lambda v, p, e: {TAG: "size", "v": list(v)},
-        lambda n, p, d: _decode_size(n),
-    ),
-    Codec(
-        "dtype",
-        (torch.dtype,),
-        lambda v, p, e: {TAG: "dtype", "v": dtype_name(v)},
-        lambda n, p, d: dtype_from_name(n["v"], where=f"{d.where}: {format_path(p)}"),
-    ),
-    Codec("device", (torch.device,), lambda v, p, e: {TAG: "device", "v": str(v)}, _decode_device),
-    Codec("tensor", (torch.Tensor, torch.nn.Parameter), _encode_tensor, lambda n, p, d: d.tensor(n, p)),
-    Codec("ndarray", (np.ndarray,), _encode_ndarray, _decode_ndarray),
-    Codec("npscalar", (), _encode_npscalar, _decode_npscalar),
     Codec("stateful", (), _encode_stateful, lambda n, p, d: d.decode(n["v"], p)),
     Codec("pickle", (), lambda v, p, e: None, _decode_pickle),
 ]
-
-
-def _decode_size(node: dict[str, Any]) -> torch.Size:
-    dims = node["v"]
-    if not isinstance(dims, list) or not all(type(x) is int and -(2**63) <= x < 2**63 for x in dims):
-        raise ValueError("a size is a list of 64-bit integers")  # torch.Size takes more, then cannot print it
-    return torch.Size(dims)
 
 
 def _malformed() -> Any:
     raise TypeError("malformed value")
 
 
-_BY_TYPE: dict[type, Codec] = {t: c for c in _CODECS for t in c.types}
-_BY_TAG: dict[str, Codec] = {c.tag: c for c in _CODECS if c.tag != "list"}
+TORCH_TAGS = frozenset({"size", "dtype", "device", "tensor", "ndarray", "npscalar"})
+"""Tags whose codecs need torch or numpy (`trainstate.format.torch_codecs`): registered on first use, so that
+reading a manifest's plain values (``trainstate ls``) never imports torch."""
+
+_BY_TYPE: dict[type, Codec] = {}
+_BY_TAG: dict[str, Codec] = {}
+_BY_BASE: list[tuple[type, Codec]] = []  # accepted with their subclasses: tensors, numpy arrays and scalars
+
+
+def register(codec: Codec, *, subclasses: bool = False) -> None:
+    """Add (or replace) the codec of ``codec.tag``; with ``subclasses`` it also takes subclasses of its types."""
+    _BY_TYPE.update(dict.fromkeys(codec.types, codec))
+    if codec.tag != "list":  # a JSON list stands for itself; the codec only encodes
+        _BY_TAG[codec.tag] = codec
+    if subclasses:
+        _BY_BASE.extend((kind, codec) for kind in codec.types)
+
+
+def _torch_codecs() -> None:
+    import trainstate.format.torch_codecs  # noqa: F401 - registers its codecs when first imported
 
 
 def _by_isinstance(value: object) -> Codec | None:
-    """Subclasses we accept: tensor subclasses (Parameter, buffers) and numpy scalars/arrays."""
-    if isinstance(value, torch.Tensor):
-        return _BY_TAG["tensor"]
-    if isinstance(value, np.ndarray):
-        return _BY_TAG["ndarray"]
-    if isinstance(value, np.generic):
-        return _BY_TAG["npscalar"]
+    """The codec of a subclass we accept: tensor subclasses (Parameter, buffers), numpy scalars/arrays."""
+    for kind, codec in _BY_BASE:
+        if isinstance(value, kind):
+            return codec
     return None
+
+
+for _codec in _CODECS:
+    register(_codec)

@@ -19,7 +19,8 @@ import torch
 
 from trainstate.errors import CorruptCheckpointError
 from trainstate.format.hashing import new_hasher
-from trainstate.format.tensorfile import byte_view, read_exact_into
+from trainstate.format.header import read_exact_into
+from trainstate.format.tensorfile import byte_view
 
 if TYPE_CHECKING:
     from trainstate.format.reader import CheckpointReader

@@ -18,8 +18,9 @@ from trainstate.errors import CheckpointError, CheckpointNotFoundError, Checkpoi
 from trainstate.format import tree
 from trainstate.format.codec import TAG, Encoder, Path, format_path, is_plain_str
 from trainstate.format.hashing import new_hasher
+from trainstate.format.header import MAX_HEADER_BYTES
 from trainstate.format.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest
-from trainstate.format.tensorfile import MAX_HEADER_BYTES, alias_key, dtype_name, encode_file
+from trainstate.format.tensorfile import alias_key, dtype_name, encode_file
 from trainstate.storage.base import PendingCheckpoint
 
 __all__ = ["DEFAULT_SHARD_BYTES", "Reuse", "SavePlan", "environment", "execute_save", "frozen_paths", "plan_save"]
@@ -125,7 +126,8 @@ class _ShardPlanner:
 def frozen_paths(state: Any) -> frozenset[Path]:
     """The paths (in ``state``) of parameters that do not train (``requires_grad=False``) of every
     module in it: what `plan_save` puts into files of their own."""
-    from trainstate.format.codec import is_stateful, unwrap_module
+    from trainstate.format.codec import is_stateful
+    from trainstate.format.torch_codecs import unwrap_module
 
     found: set[Path] = set()
 

@@ -33,7 +33,8 @@ from trainstate.errors import (
     StateMismatchError,
     UnsupportedFormatError,
 )
-from trainstate.format.reader import CheckpointReader, MapLocation
+from trainstate.format.loader import MapLocation
+from trainstate.format.reader import CheckpointReader
 from trainstate.format.writer import Reuse, SavePlan, environment, execute_save, frozen_paths
 from trainstate.loaders import adapt_for_save
 from trainstate.manager.catalog import parse_step_name, read_catalog, step_name

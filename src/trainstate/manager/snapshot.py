@@ -18,8 +18,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from trainstate.format.codec import StateSnapshot, is_stateful, qualified_type, unwrap_module
+from trainstate.format.codec import StateSnapshot, is_stateful, qualified_type
 from trainstate.format.tensorfile import alias_key
+from trainstate.format.torch_codecs import unwrap_module
 from trainstate.format.tree import Path, rebuild
 
 __all__ = ["Captured", "Direct", "Pooled", "Staged", "Stager", "StagingPool"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from trainstate._lazy import lazy_attributes
 from trainstate.storage.base import (
     MANIFEST_NAME,
     QUARANTINE_DIR,
@@ -17,7 +18,9 @@ from trainstate.storage.base import (
     check_name,
 )
 from trainstate.storage.local import LocalStorage, atomic_write_file
-from trainstate.storage.objectstore import ObjectStorage
+
+if TYPE_CHECKING:
+    from trainstate.storage.objectstore import ObjectStorage
 
 __all__ = [
     "MANIFEST_NAME",
@@ -70,6 +73,8 @@ def open_storage(location: str | os.PathLike[str], storage_options: StorageOptio
         if storage_options:
             raise ValueError(f"{text}: storage_options apply to URLs (s3://...), not to local paths")
         return LocalStorage(local_path(text))
+    from trainstate.storage.objectstore import ObjectStorage  # fsspec and its event loop, only for URLs
+
     return ObjectStorage(text, storage_options)
 
 
@@ -92,3 +97,7 @@ def split_path(path: str | os.PathLike[str], storage_options: StorageOptions | N
     if not name or parent.endswith(":/"):
         raise ValueError(f"{text}: name a checkpoint inside a bucket or directory (e.g. s3://bucket/run/ckpt)")
     return open_storage(parent, storage_options), name
+
+
+# imported on first use: `trainstate ls` of a local directory never needs fsspec or its event loop
+__getattr__, __dir__ = lazy_attributes(globals(), {"ObjectStorage": "trainstate.storage.objectstore"})
