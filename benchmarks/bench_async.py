@@ -11,9 +11,10 @@ into buffers that already exist) and against trainstate's sync save.
 
 Contenders (stall = time the training thread is blocked; total = until durable):
 raw write+fsync of the same bytes; memcpy floor; torch.save+fsync; dcp.save; dcp.async_save (stall,
-total); torch_checkpointing async if installed (stall until its staging is done; it does not
-fsync); trainstate sync; trainstate async (stall, total); trainstate async+overlap (the stall a loop
-sees: save() returning plus the wait in the next optimizer step, beyond that step's own time).
+total); torch_checkpointing sync and async if installed (``pip install torch-checkpointing``; its
+async stall lasts until its staging is done; it does not fsync); trainstate sync; trainstate async
+(stall, total); trainstate async+overlap (the stall a loop sees: save() returning plus the wait in
+the next optimizer step, beyond that step's own time).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from peers import torch_checkpointing_manager
 
 import trainstate
 
@@ -162,47 +164,47 @@ def contenders(model: Any, optimizer: Any, root: str) -> tuple[dict[str, Callabl
         "trainstate async": ts_async,
         "trainstate async+overlap": ts_overlap,
     }
-    tc = torch_checkpointing(model, optimizer, fresh)
-    if tc is not None:
-        found["torch_checkpointing async"] = tc
+    peers: list[Any] = []
+    found |= torch_checkpointing(model, optimizer, fresh, peers)
 
     def close() -> None:
-        for mgr in managers.values():
+        for mgr in [*managers.values(), *peers]:
             mgr.close()
 
     return found, close
 
 
-def torch_checkpointing(model: Any, optimizer: Any, fresh: Callable[[str], str]) -> Callable[[], dict] | None:
-    """torch_checkpointing's async save, if the package is installed and runs here (its optimized
-    staging needs CUDA); None otherwise."""
+def torch_checkpointing(
+    model: Any, optimizer: Any, fresh: Callable[[str], str], opened: list[Any]
+) -> dict[str, Callable[[], dict]]:
+    """torch_checkpointing's sync save and async save (its stall: until its staging is done, since the
+    state may not change before that; its total: until the writer process is done; it never fsyncs).
+    One manager per mode for the whole run, so its staging buffers are reused like trainstate's pool.
+    Empty if the package is missing or cannot run here."""
     try:
-        import torch_checkpointing as tc
-
-        manager = tc.CheckpointManager(tc.CheckpointManager.Config.with_async_save())
+        managers = {sync: torch_checkpointing_manager(sync=sync) for sync in (True, False)}
     except Exception as exc:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
         print(f"torch_checkpointing: not measured ({type(exc).__name__}: {exc})")
-        return None
+        return {}
+    opened += managers.values()  # closed by the caller
 
-    def run() -> dict[str, float]:
+    def state() -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+    def sync_save() -> dict[str, float]:
         start = time.perf_counter()
-        handle = manager.save(fresh("tc"), {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
-        staged = getattr(handle, "staging_done", None) or getattr(handle, "staged", None)
-        if callable(getattr(staged, "result", None)):
-            staged.result()
+        managers[True].save(fresh("tcs"), state())
+        return {"total": time.perf_counter() - start}
+
+    def async_save() -> dict[str, float]:
+        start = time.perf_counter()
+        durable = managers[False].save(fresh("tca"), state())
+        managers[False]._staging_future.result()  # no public handle for "staged"; the state is free after it
         stall = time.perf_counter() - start
-        for wait in ("result", "wait"):
-            if callable(getattr(handle, wait, None)):
-                getattr(handle, wait)()
-                break
+        durable.result()
         return {"stall": stall, "total": time.perf_counter() - start}
 
-    try:
-        run()  # it must work once to be measured
-    except Exception as exc:  # noqa: BLE001
-        print(f"torch_checkpointing: not measured ({type(exc).__name__}: {exc})")
-        return None
-    return run
+    return {"torch_checkpointing sync": sync_save, "torch_checkpointing async": async_save}
 
 
 def measure(gigabytes: float, rounds: int) -> dict[str, Any]:

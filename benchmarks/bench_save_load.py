@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import xxhash
+from peers import torch_checkpointing_manager
 
 import trainstate
 
@@ -29,7 +30,25 @@ SAMPLE_INTERVAL_S = 0.002
 CHILD_TIMEOUT_S = 600
 
 SAVE_OPS = ("trainstate.save", "torch.save+fsync", "torch.save")
-LOAD_OPS = ("trainstate.load", "trainstate.load(verify=False)", "torch.load+load_state_dict")
+LOAD_OPS = (
+    "trainstate.load",
+    "trainstate.load(verify=False)",
+    "torch.load+load_state_dict",
+    "torch.load(mmap)+load_state_dict",
+    "safetensors+load_state_dict",
+    "dcp.load",
+    "torch_checkpointing.load",
+)
+# Where each load reads from: a source file written once per run by the matching writer below.
+SOURCES = {
+    "trainstate.load": "ts",
+    "trainstate.load(verify=False)": "ts",
+    "torch.load+load_state_dict": "torch",
+    "torch.load(mmap)+load_state_dict": "torch",
+    "safetensors+load_state_dict": "safetensors",
+    "dcp.load": "dcp",
+    "torch_checkpointing.load": "torch_checkpointing",
+}
 BASELINE = {"save": "torch.save+fsync", "load": "torch.load+load_state_dict"}
 LABELS = {
     "trainstate.save": "trainstate.save (fsync + atomic rename)",
@@ -38,6 +57,10 @@ LABELS = {
     "trainstate.load": "trainstate.load (verify=True)",
     "trainstate.load(verify=False)": "trainstate.load (verify=False)",
     "torch.load+load_state_dict": "torch.load(weights_only) + load_state_dict",
+    "torch.load(mmap)+load_state_dict": "torch.load(weights_only, mmap=True) + load_state_dict",
+    "safetensors+load_state_dict": "safetensors load_file + load_state_dict (hashes: none)",
+    "dcp.load": "dcp.load + set_state_dict (hashes: none)",
+    "torch_checkpointing.load": "torch_checkpointing load (mmap) + load_state_dict (hashes: none)",
 }
 
 Model = torch.nn.Sequential
@@ -175,13 +198,98 @@ def _torch_load(model: Model, opt: Optimizer, path: str) -> None:
     opt.load_state_dict(saved["optimizer"])
 
 
+def _torch_load_mmap(model: Model, opt: Optimizer, path: str) -> None:
+    saved = torch.load(path, weights_only=True, mmap=True)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+
+
+def _flat(model: Model, opt: Optimizer) -> tuple[dict[str, torch.Tensor], str]:
+    """Model and optimizer as one flat tensor dict plus the optimizer's param groups as JSON (safetensors)."""
+    osd = opt.state_dict()
+    flat = {f"model.{k}": v for k, v in model.state_dict().items()}
+    flat |= {f"opt.{i}.{k}": v for i, s in osd["state"].items() for k, v in s.items()}
+    return flat, json.dumps(osd["param_groups"])
+
+
+def _safetensors_save(model: Model, opt: Optimizer, path: str) -> None:
+    from safetensors.torch import save_file
+
+    flat, groups = _flat(model, opt)
+    save_file(flat, path, metadata={"param_groups": groups})
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _safetensors_load(model: Model, opt: Optimizer, path: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, "pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+    flat = load_file(path)
+    model.load_state_dict({k[6:]: v for k, v in flat.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        if key.startswith("opt."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _dcp_save(model: Model, opt: Optimizer, path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, opt_sd = get_state_dict(model, opt)  # DCP's own state-dict API, as its load needs
+    dcp.save({"model": model_sd, "optimizer": opt_sd}, checkpoint_id=path)
+
+
+def _dcp_load(model: Model, opt: Optimizer, path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, opt_sd = get_state_dict(model, opt)  # the optimizer's state allocated, as DCP needs targets
+    state = {"model": model_sd, "optimizer": opt_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _tc_save(model: Model, opt: Optimizer, path: str) -> None:
+    manager = torch_checkpointing_manager(sync=True)
+    manager.save(path, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    manager.close()
+
+
+def _tc_load(model: Model, opt: Optimizer, path: str) -> None:
+    manager = torch_checkpointing_manager(sync=True)
+    loaded = manager.load(path, {"model": None, "optimizer": None})
+    model.load_state_dict(loaded["model"])
+    opt.load_state_dict(loaded["optimizer"])
+    manager.close()
+
+
+WRITERS: dict[str, Callable[[Model, Optimizer, str], None]] = {
+    "ts": _ts_save,
+    "torch": _torch_save_fsync,
+    "safetensors": _safetensors_save,
+    "dcp": _dcp_save,
+    "torch_checkpointing": _tc_save,
+}
+
+
 OPERATIONS: dict[str, Callable[[Model, Optimizer, str], None]] = {
+    **{f"write:{name}": writer for name, writer in WRITERS.items()},
     "trainstate.save": _ts_save,
     "torch.save+fsync": _torch_save_fsync,
     "torch.save": _torch_save,
     "trainstate.load": _ts_load,
     "trainstate.load(verify=False)": _ts_load_noverify,
     "torch.load+load_state_dict": _torch_load,
+    "torch.load(mmap)+load_state_dict": _torch_load_mmap,
+    "safetensors+load_state_dict": _safetensors_load,
+    "dcp.load": _dcp_load,
+    "torch_checkpointing.load": _tc_load,
 }
 
 
@@ -283,22 +391,22 @@ class Result:
     median_peak_extra_mb: float = 0.0
 
 
-def prepare(root: str, params: int, seed: int) -> tuple[dict[str, Any], str, str]:
-    """Write the checkpoints that the load measurements read: one trainstate directory, one torch file."""
-    ts_path, pt_path = os.path.join(root, "load-src-ts"), os.path.join(root, "load-src.pt")
+def prepare(root: str, params: int, seed: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """Write the checkpoints that the load measurements read, one per format (a peer whose package is
+    missing is left out, with a note)."""
+    paths = {name: os.path.join(root, f"load-src-{name}") for name in WRITERS}
     info = run_child(
-        {
-            "op": "trainstate.save",
-            "path": ts_path,
-            "params": params,
-            "seed": seed,
-            "fingerprint": True,
-            "describe": True,
-        }
+        {"op": "write:ts", "path": paths["ts"], "params": params, "seed": seed, "fingerprint": True, "describe": True}
     )
-    run_child({"op": "torch.save+fsync", "path": pt_path, "params": params, "seed": seed})
-    info["disk_bytes"] = {"trainstate": disk_bytes(ts_path), "torch": disk_bytes(pt_path)}
-    return info, ts_path, pt_path
+    for name in WRITERS:
+        if name != "ts":
+            try:
+                run_child({"op": f"write:{name}", "path": paths[name], "params": params, "seed": seed})
+            except RuntimeError as exc:
+                print(f"{name}: not measured ({str(exc).strip().splitlines()[-1]})")
+                del paths[name]
+    info["disk_bytes"] = {name: disk_bytes(path) for name, path in paths.items()}
+    return info, paths
 
 
 def run_once(args: argparse.Namespace, op: str, path: str, expected: str) -> dict[str, Any]:
@@ -314,20 +422,21 @@ def run_once(args: argparse.Namespace, op: str, path: str, expected: str) -> dic
 
 
 def measure(args: argparse.Namespace, root: str) -> tuple[dict[str, Any], list[Result]]:
-    info, ts_src, pt_src = prepare(root, args.params, args.seed)
+    info, sources = prepare(root, args.params, args.seed)
     paths = {
         "trainstate.save": os.path.join(root, "save-ts"),
         "torch.save+fsync": os.path.join(root, "save.pt"),
         "torch.save": os.path.join(root, "save.pt"),
-        "torch.load+load_state_dict": pt_src,
+        **{op: sources[kind] for op, kind in SOURCES.items() if kind in sources},
     }
-    results = {op: Result(op, "save" if op in SAVE_OPS else "load", [], []) for op in (*SAVE_OPS, *LOAD_OPS)}
+    loads = tuple(op for op in LOAD_OPS if op in paths)
+    results = {op: Result(op, "save" if op in SAVE_OPS else "load", [], []) for op in (*SAVE_OPS, *loads)}
     rss_methods = set()
-    for ops in (SAVE_OPS, LOAD_OPS):
+    for ops in (SAVE_OPS, loads):
         # Rounds interleave the operations so drift hits them alike; warm-up rounds are discarded.
         for i in range(args.warmup + args.repeat):
             for op in ops:
-                out = run_once(args, op, paths.get(op, ts_src), info["fingerprint"])
+                out = run_once(args, op, paths[op], info["fingerprint"])
                 if i >= args.warmup:
                     results[op].seconds.append(out["seconds"])
                     results[op].peak_extra_mb.append(out["peak_extra_mb"])
@@ -358,8 +467,8 @@ def render(args: argparse.Namespace, info: dict[str, Any], results: list[Result]
     lines = [
         (
             f"State: {info['num_params'] / 1e6:.1f}M params ({layers} x Linear({width}, {width}), float32) + AdamW "
-            f"= {gb:.3f} GB in {info['num_tensors']} tensors; on disk: trainstate "
-            f"{info['disk_bytes']['trainstate'] / 1e9:.3f} GB, torch {info['disk_bytes']['torch'] / 1e9:.3f} GB"
+            f"= {gb:.3f} GB in {info['num_tensors']} tensors; on disk: "
+            + ", ".join(f"{name} {size / 1e9:.3f} GB" for name, size in info["disk_bytes"].items())
         ),
         (
             f"Directory: {root} ({fs_type(root)}); {os.cpu_count()} CPUs; torch {torch.__version__}, "
@@ -381,6 +490,15 @@ def render(args: argparse.Namespace, info: dict[str, Any], results: list[Result]
     for op in ("trainstate.save", "trainstate.load", "trainstate.load(verify=False)"):
         base = BASELINE[by_op[op].kind]
         lines.append(f"  {op} / {base} = {by_op[op].vs_torch:.2f}x")
+    for peer in (
+        "torch.load(mmap)+load_state_dict",
+        "dcp.load",
+        "safetensors+load_state_dict",
+        "torch_checkpointing.load",
+    ):
+        if peer in by_op:
+            ratio = by_op["trainstate.load"].median_s / by_op[peer].median_s
+            lines.append(f"  trainstate.load / {peer} = {ratio:.2f}x")
     lines.append(
         f"  trainstate.save / torch.save (no fsync) = "
         f"{by_op['trainstate.save'].median_s / by_op['torch.save'].median_s:.2f}x"
