@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GENERATORS_KEY", "adapt_for_save", "is_stateful_loader", "restore_loader", "verified"]
+__all__ = ["GENERATORS_KEY", "adapt_for_save", "is_stateful_loader", "loader_state", "restore_loader", "verified"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,12 @@ def adapt_for_save(state: Mapping[str, Any]) -> dict[str, Any]:
     adapted = walk(dict(state), ())
     assert isinstance(adapted, dict)
     return adapted
+
+
+def loader_state(loader: Any, key: str) -> dict[str, Any]:
+    """What trainstate saves for a StatefulDataLoader: its ``state_dict()`` plus its generators' states
+    (``loader`` may be a wrapper that delegates ``generator``/``sampler`` to one, as Accelerate's does)."""
+    return _LoaderState(loader, key).state_dict()
 
 
 def restore_loader(loader: Any, state: Mapping[str, Any]) -> None:

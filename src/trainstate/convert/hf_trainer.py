@@ -27,7 +27,7 @@ from trainstate.errors import (
 )
 from trainstate.storage import check_name
 
-__all__ = ["HF_TRAINER"]
+__all__ = ["HF_TRAINER", "trainer_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _read_hf(path: str, options: ReadOptions) -> Source:
         skipped.append(f"{filename}: {_HF_SKIPPED.get(filename, 'not part of the training state')}")
     if not state:
         raise UnsupportedFormatError(f"{path}: no Hugging Face Trainer files found")
-    return Source("hf-trainer", path, state, _hf_metadata(state.get("trainer_state")), skipped)
+    return Source("hf-trainer", path, state, trainer_metadata(state.get("trainer_state")), skipped)
 
 
 def _weight_shards(path: str, present: set[str]) -> list[str]:
@@ -134,7 +134,8 @@ def _hf_rng(raw: Any) -> Any:
     return out
 
 
-def _hf_metadata(trainer_state: Any) -> dict[str, Any]:
+def trainer_metadata(trainer_state: Any) -> dict[str, Any]:
+    """The step, epoch and last logged metrics of a ``TrainerState`` dict, as checkpoint metadata."""
     if not isinstance(trainer_state, dict):
         return {}
     meta: dict[str, Any] = {}
