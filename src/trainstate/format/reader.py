@@ -40,12 +40,16 @@ class CheckpointReader:
         self.where = storage.where(name)
         self._handles: dict[str, ReadableFile] | None = None
         self._handles_lock = threading.Lock()
-        if not storage.exists(name):
-            raise CheckpointNotFoundError(f"{self.where}: no such checkpoint")
-        if not storage.exists(name, MANIFEST_NAME):
-            raise CheckpointNotFoundError(f"{self.where}: no {MANIFEST_NAME}; not a committed trainstate checkpoint")
         where = os.path.join(self.where, MANIFEST_NAME)
-        with storage.open(name, MANIFEST_NAME) as f:
+        try:
+            manifest_file = storage.open(name, MANIFEST_NAME)
+        except FileNotFoundError:  # asked only on failure: listing 1,000 checkpoints opens 1,000 manifests
+            if not storage.exists(name):
+                raise CheckpointNotFoundError(f"{self.where}: no such checkpoint") from None
+            raise CheckpointNotFoundError(
+                f"{self.where}: no {MANIFEST_NAME}; not a committed trainstate checkpoint"
+            ) from None
+        with manifest_file as f:
             size = _opened_size(f, lambda: storage.size(name, MANIFEST_NAME))
             if size > MAX_MANIFEST_BYTES:
                 raise CorruptCheckpointError(f"{where}: manifest is {size} bytes, over the {MAX_MANIFEST_BYTES} cap")
