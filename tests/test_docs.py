@@ -15,6 +15,8 @@ MODULES = [
     "trainstate.manager.checkpoint_manager",
     "trainstate.manager.early_stopping",
     "trainstate.storage",
+    "trainstate.integrations.accelerate",
+    "trainstate.integrations.lightning",
 ]
 
 

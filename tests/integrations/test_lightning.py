@@ -5,7 +5,6 @@ subprocess (killed inside the save of last.ckpt) that resumes with identical per
 
 from __future__ import annotations
 
-import doctest
 import json
 import logging
 import os
@@ -28,7 +27,6 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 import trainstate
 from support import assert_same
-from trainstate.integrations import lightning as integration
 from trainstate.integrations.lightning import ExactResume, TrainstateCheckpointIO
 
 RUN = Path(__file__).with_name("lightning_run.py")
@@ -374,27 +372,6 @@ def test_loaded_tensors_are_on_the_cpu_unless_map_location_says_otherwise(tmp_pa
     plugin.save_checkpoint({"w": torch.ones(2)}, tmp_path / "c.ckpt")
     assert plugin.load_checkpoint(tmp_path / "c.ckpt")["w"].device == torch.device("cpu")
     assert plugin.load_checkpoint(tmp_path / "c.ckpt", map_location="meta")["w"].is_meta
-
-
-def test_docstring_examples_run():
-    result = doctest.testmod(integration, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
-
-
-def test_import_trainstate_does_not_import_lightning_and_a_missing_one_says_how_to_install():
-    code = (
-        "import sys, trainstate, trainstate.integrations\n"
-        "trainstate.save, trainstate.CheckpointManager\n"
-        "assert 'pytorch_lightning' not in sys.modules, 'import trainstate imported Lightning'\n"
-        "sys.modules['pytorch_lightning'] = None\n"
-        "try:\n"
-        "    import trainstate.integrations.lightning\n"
-        "except ImportError as exc:\n"
-        "    print(exc)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert "pip install 'trainstate[lightning]'" in out.stdout
 
 
 # ------------------------------------------------------------------------------------- kill test

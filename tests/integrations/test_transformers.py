@@ -208,18 +208,3 @@ def test_best_checkpoint_is_kept_by_rotation_and_loaded_at_end(tmp_path):
     assert_same(dict(trainer.model.state_dict()), dict(best))
     state = json.loads((tmp_path / "checkpoint-24" / "trainer_state.json").read_text())
     assert state["best_model_checkpoint"] == str(tmp_path / "checkpoint-10") and state["best_global_step"] == 10
-
-
-def test_trainstate_import_leaves_transformers_alone_and_the_integration_names_the_extra():
-    code = (
-        "import sys, trainstate, trainstate.integrations\n"
-        "assert 'transformers' not in sys.modules\n"
-        "sys.modules['transformers'] = None\n"
-        "try:\n"
-        "    import trainstate.integrations.transformers\n"
-        "except ImportError as exc:\n"
-        "    print(exc)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert "pip install 'trainstate[transformers]'" in out.stdout
