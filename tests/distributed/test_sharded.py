@@ -195,6 +195,34 @@ def test_checkpoint_manager_under_torchrun(tmp_path):
     assert os.listdir(tmp_path / "trainstate-quarantine")  # the damaged step 6, moved aside once
 
 
+def test_async_saves_under_torchrun_stage_the_state_and_write_it_in_the_background(tmp_path):
+    assert workers.launch(workers.managed_async, 2, str(tmp_path)) == [0, 0]
+    for rank, seen in enumerate(results(tmp_path, "async-")):
+        full = True if rank == 0 else None
+        assert seen["returned_first"] == [True] * 4, rank  # each write began only after save() returned
+        assert seen["staging_bytes"] > 0, rank
+        assert (seen["steps"], seen["restored"]) == ([3, 4], 4), rank
+        assert (seen["model"], seen["optimizer"], seen["rng"]) == (full, full, True), rank
+        assert seen["resumed_loss"] == seen["expected_loss"], rank  # the step after the save, bit for bit
+    assert sorted(os.listdir(tmp_path / "step_00000004")) == [
+        "manifest.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
+
+
+def test_an_async_write_failing_on_one_rank_fails_every_rank_and_commits_nothing(tmp_path):
+    assert workers.launch(workers.async_write_fails_on_one_rank, 2, str(tmp_path)) == [0, 0]
+    for rank, seen in enumerate(results(tmp_path, "failed-")):
+        assert seen["outcome"].startswith("CheckpointWriteError"), (rank, seen["outcome"])
+        assert "No space left on device" in seen["outcome"] or "rank(s) [1]" in seen["outcome"], seen["outcome"]
+        assert seen["after_failure"] == [1], rank
+        assert seen["final"] == [1, 3], rank
+    assert not (tmp_path / "step_00000002").exists()
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".trainstate-tmp")] == []
+    CheckpointReader(*split_path(tmp_path / "step_00000001")).verify()
+
+
 def test_export_consolidates_a_sharded_model_one_tensor_at_a_time(fsdp_checkpoint, tmp_path, monkeypatch):
     import gc
     import weakref

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -307,6 +308,97 @@ def managed(rank: int, world: int, directory: str) -> None:
             "optimizer": _same_optimizer(states[4][1], got[1]),
         },
     )
+
+
+def managed_async(rank: int, world: int, directory: str) -> None:
+    """Async saves under torchrun. Each write is held back until the training thread, after save()
+    returned, took one more step (changing every tensor and the RNG): the checkpoint must still hold
+    the state of the moment save() was called, and a run resumed from it must take that very step."""
+    import trainstate.distributed.sharded as sharded
+
+    released = threading.Event()
+    returned_first: list[bool] = []
+    write = sharded.write_sharded
+
+    def held(*args: Any, **kwargs: Any) -> None:
+        returned_first.append(released.wait(timeout=20))  # False: save() did not return before the write
+        write(*args, **kwargs)
+
+    sharded.write_sharded = held  # type: ignore[assignment]
+    model, optimizer, scheduler = build(world, dropout=0.2)
+    torch.manual_seed(100 + rank)
+    saved, rng, next_loss = {}, {}, {}
+    with trainstate.CheckpointManager(directory, keep_last=2, async_save=True) as manager:
+        for i in range(1, 5):
+            step(model, optimizer, scheduler)
+            released.clear()
+            manager.save(
+                i, {"model": model, "optimizer": optimizer, "scheduler": scheduler, "rng": trainstate.RNGState()}
+            )
+            saved[i], rng[i] = full_state(model, optimizer), torch.get_rng_state()
+            next_loss[i] = step(model, optimizer, scheduler)  # while this save is still unwritten
+            released.set()
+            manager.wait()
+        staging = manager.staging_bytes
+        steps = manager.steps()
+    sharded.write_sharded = write  # type: ignore[assignment]
+    model2, optimizer2, scheduler2 = build(world, seed=9, dropout=0.2)
+    with trainstate.CheckpointManager(directory, async_save=True) as manager:
+        restored = manager.restore(
+            {"model": model2, "optimizer": optimizer2, "scheduler": scheduler2, "rng": trainstate.RNGState()}
+        )
+    got = full_state(model2, optimizer2)
+    same_rng = torch.equal(torch.get_rng_state(), rng[4])
+    resumed_loss = step(model2, optimizer2, scheduler2)
+    record(
+        directory,
+        f"async-{rank}.json",
+        {
+            "returned_first": returned_first,
+            "staging_bytes": staging,
+            "steps": steps,
+            "restored": restored,
+            "model": _same_model(saved[4][0], got[0]),
+            "optimizer": _same_optimizer(saved[4][1], got[1]),
+            "rng": same_rng,
+            "resumed_loss": resumed_loss.hex(),
+            "expected_loss": next_loss[4].hex(),
+        },
+    )
+
+
+def async_write_fails_on_one_rank(rank: int, world: int, directory: str) -> None:
+    """Rank 1's disk fills during the second async save: every rank hears of it at its next call,
+    nothing of that step is committed, the first checkpoint stays intact and the run can go on."""
+    from trainstate.distributed.dcp_io import ShardWriter
+
+    model, optimizer, scheduler = build(world)
+    state = {"model": model, "optimizer": optimizer}
+    with trainstate.CheckpointManager(directory, async_save=True) as manager:
+        step(model, optimizer, scheduler)
+        manager.save(1, state)
+        manager.wait()
+        write_data = ShardWriter.write_data
+        if rank == 1:
+
+            def full(*args: Any, **kwargs: Any) -> Any:
+                raise OSError(28, "No space left on device")
+
+            ShardWriter.write_data = full  # type: ignore[method-assign]
+        step(model, optimizer, scheduler)
+        manager.save(2, state)
+        try:
+            manager.wait()
+            outcome = "saved"
+        except trainstate.CheckpointError as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        ShardWriter.write_data = write_data  # type: ignore[method-assign]
+        after_failure = manager.steps()
+        step(model, optimizer, scheduler)
+        manager.save(3, state)
+        manager.wait()
+        final = manager.steps()
+    record(directory, f"failed-{rank}.json", {"outcome": outcome, "after_failure": after_failure, "final": final})
 
 
 def s3_sharded(rank: int, world: int, url: str, endpoint: str, directory: str) -> None:

@@ -21,7 +21,8 @@ import datetime as _dt
 import json
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,7 +59,16 @@ from trainstate.format.tree import Path, any_node, format_path, rebuild
 from trainstate.format.writer import environment
 from trainstate.storage.base import Storage
 
-__all__ = ["ShardedLoader", "SharedLive", "refuse_lost", "save_sharded", "view_for_rank"]
+__all__ = [
+    "ShardedLoader",
+    "ShardedPlan",
+    "SharedLive",
+    "plan_sharded",
+    "refuse_lost",
+    "save_sharded",
+    "view_for_rank",
+    "write_sharded",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +154,54 @@ class _ShardSink:
         return ref
 
 
+@dataclass
+class ShardedPlan:
+    """A distributed save planned on this rank: the tensors DCP writes (``sink``), the JSON tree and
+    encoded metadata of the manifest, agreed on by every rank (see `plan_sharded`)."""
+
+    where: str
+    sink: _ShardSink
+    tree: str
+    metadata: Any
+
+
+def plan_sharded(
+    state: Mapping[str, Any],
+    where: str,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    allow_pickle: bool = False,
+    stage: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> ShardedPlan:
+    """Step one of a distributed save, collective over ``group``: take the modules' and optimizers'
+    distributed state dicts, ``stage`` them (an async save copies them into host buffers here) and
+    encode the tree. A state that fails on any rank fails on every rank, before any file is written."""
+    world = active_world()
+    assert world is not None
+    rank, world_size = world
+    plan: ShardedPlan | None = None
+    error: Exception | None = None
+    try:
+        captured, global_paths = _global_states(state, where)
+        staged = stage(captured) if stage is not None else captured
+        sink = _ShardSink(rank, global_paths)
+        tree = Encoder(sink, allow_pickle=allow_pickle, where=f"{where}: ").encode(staged)
+        meta = Encoder(None, where=f"{where}: metadata ").encode(dict(metadata or {}))
+        plan = ShardedPlan(where, sink, json.dumps(tree, separators=(",", ":"), allow_nan=False), meta)
+    except Exception as exc:  # reported to every rank, then raised
+        error = exc
+    statuses: list[Any] = [None] * world_size
+    dist.all_gather_object(statuses, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    failed = {r: text for r, text in enumerate(statuses) if text is not None}
+    if error is not None:
+        raise error
+    if failed:
+        raise UnsupportedValueError(f"{where}: rank(s) {sorted(failed)} could not save their state: {failed}")
+    assert plan is not None
+    return plan
+
+
 def save_sharded(
     storage: Storage,
     name: str,
@@ -155,36 +213,30 @@ def save_sharded(
 ) -> None:
     """The collective `trainstate.save`: every rank calls it with its own state. Nothing is
     published unless every rank's part was written; any rank's failure is raised on all ranks."""
+    plan = plan_sharded(state, storage.where(name), metadata=metadata, allow_pickle=allow_pickle)
+    write_sharded(storage, name, plan, overwrite=overwrite)
+
+
+def write_sharded(
+    storage: Storage,
+    name: str,
+    plan: ShardedPlan,
+    *,
+    overwrite: bool = True,
+    group: dist.ProcessGroup | None = None,
+) -> None:
+    """Steps two and three of a distributed save, collective over ``group``: one transaction that the
+    coordinator begins and every other rank joins, DCP writes every rank's share, the coordinator
+    commits. Safe in a background thread when ``group`` is a gloo group of its own (an async save)."""
     world = active_world()
     assert world is not None
     rank, world_size = world
-    where = storage.where(name)
-    # 1. Plan on every rank; agree that every rank could (a state that cannot be encoded on one
-    #    rank fails the save on all of them, before any file is written).
-    sink: _ShardSink | None = None
-    outcome: tuple[Any, ...]
-    try:
-        staged, global_paths = _global_states(state, where)
-        sink = _ShardSink(rank, global_paths)
-        tree = Encoder(sink, allow_pickle=allow_pickle, where=f"{where}: ").encode(staged)
-        meta = Encoder(None, where=f"{where}: metadata ").encode(dict(metadata or {}))
-        outcome = ("ok", json.dumps(tree, separators=(",", ":"), allow_nan=False), meta)
-    except Exception as exc:  # reported to every rank, then raised
-        outcome = ("error", f"{type(exc).__name__}: {exc}", exc)
-    statuses: list[Any] = [None] * world_size
-    dist.all_gather_object(statuses, (outcome[0], outcome[1] if outcome[0] == "error" else ""))
-    failed = {r: text for r, (status, text) in enumerate(statuses) if status == "error"}
-    if failed:
-        if outcome[0] == "error":
-            raise outcome[2]
-        raise UnsupportedValueError(f"{where}: rank(s) {sorted(failed)} could not save their state: {failed}")
-    assert sink is not None
+    where = plan.where
     # Every rank's tree goes to the coordinator only (it writes the manifest; a large optimizer's
     # tree times the world size must not sit on every rank).
     gathered: list[Any] | None = [None] * world_size if rank == 0 else None
-    dist.gather_object(outcome[1], gathered, dst=0)
+    dist.gather_object(plan.tree, gathered, dst=0, group=group)
     trees = [json.loads(text) for text in gathered] if gathered is not None else []
-    # 2. One transaction: the coordinator begins it, every other rank joins it.
     pending = None
     begun: list[Any] = [None]
     if rank == 0:
@@ -196,7 +248,7 @@ def save_sharded(
             error: Exception | None = exc
         else:
             error = None
-    dist.broadcast_object_list(begun, src=0)
+    dist.broadcast_object_list(begun, src=0, group=group)
     if begun[0].startswith("error: "):
         if rank == 0 and error is not None:
             raise error
@@ -208,7 +260,7 @@ def save_sharded(
         manifest = Manifest(
             tree=trees[0],
             files=tuple(files),
-            metadata=outcome[2],
+            metadata=plan.metadata,
             environment=environment(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
             trainstate_version=__version__,
@@ -224,9 +276,14 @@ def save_sharded(
             )
         pending.commit(data)
 
-    # 3. DCP plans and writes; the coordinator's finish commits; failures reach every rank.
+    # DCP plans and writes; the coordinator's finish commits; failures reach every rank.
     try:
-        dcp.save(sink.tensors, storage_writer=ShardWriter(pending, rank, finish), planner=DefaultSavePlanner())
+        dcp.save(
+            plan.sink.tensors,
+            storage_writer=ShardWriter(pending, rank, finish),
+            planner=DefaultSavePlanner(),
+            process_group=group,
+        )
     except CheckpointException as exc:
         pending.abort()
         errors = rank_errors(exc.failures)

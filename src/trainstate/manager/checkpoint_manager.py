@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -136,11 +137,13 @@ class CheckpointManager:
             Without either trigger every `save` call saves.
         async_save: Return from `save` after copying the state into reusable host buffers (allocated
             once, reused while shapes stay the same, freed by `close`; `staging_bytes` says how much);
-            write in the background.
+            write in the background. Under torchrun every rank stages its own share (DTensor shards
+            under FSDP2) and the ranks write and commit together over a gloo group of the manager's.
         overlap: With ``async_save``: return from `save` before even the copy is done; the copy runs
             in the background, and until it is done the state's optimizers wait in ``step`` and its
             modules with buffers in ``forward`` (hooks trainstate adds and removes). Tensors your own code changes
             in place (an EMA, a manual ``param.add_``) are not guarded: call `wait_staged` first.
+            Single process only (ignored with a warning under torchrun).
         incremental: A file whose bytes equal the same file of the previous checkpoint this manager
             committed is hard-linked (a server-side copy on object stores) instead of rewritten;
             frozen parameters (``requires_grad=False``) get files of their own so a fine-tune's
@@ -203,9 +206,12 @@ class CheckpointManager:
         # per step), rank 0 alone locks, cleans up, applies retention and quarantines.
         self._world = active_world()
         self._coordinator = self._world is None or self._world[0] == 0
-        if self._world is not None and async_save:
-            logger.warning("async_save is not coordinated across ranks yet: distributed saves are synchronous")
-            async_save = False
+        if self._world is not None and overlap:
+            logger.warning("overlap is not available under torchrun yet: async saves copy the state before returning")
+            overlap = False
+        # An async save's collectives run in the writer thread, on a gloo group of their own: never
+        # interleaved with the training thread's collectives on the default group.
+        self._save_group = dist.new_group(backend="gloo") if self._world is not None and async_save else None
         self._storage = _storage(directory, storage_options)
         self.directory = self._storage.root
         if (
@@ -400,35 +406,41 @@ class CheckpointManager:
                 stopper.update(value, self.mode)
             record["early_stopping"] = stopper.state_dict()
         self._acquire()
-        if self._world is not None:
-            self._write_sharded(step, adapt_for_save(state), record, clean_metrics)
-            if stopper is not None and self.early_stopping is not None:
-                self.early_stopping.load_state_dict(stopper.state_dict())
-            self._last_save_time = time.monotonic()
-            if preempted:
-                self._preempted_save_done = True
-            return True
-        stager = self._stager if self.async_save and not preempted else Direct()  # preemption saves are sync
+        background = self.async_save and not preempted  # preemption saves are sync
+        stager = self._stager if background else Direct()
         adapted = adapt_for_save(state)
-        frozen = frozen_paths(adapted)  # from the live modules: the staged copy holds state dicts
-        staged = stager.stage(adapted, overlap=self.overlap)
-        try:
-            # Encoded here, in the caller's thread: a state that cannot be saved fails this call, not the next.
-            plan = plan_state(staged.state, metadata=record, where=self._storage.where(step_name(step)), frozen=frozen)
-        except BaseException:
-            staged.cancel()
-            raise
-        env = {"dataloader_workers": _loader_workers(state)}
+        staged: Staged | None = None
+        if self._world is not None:
+            write, staged = self._plan_sharded(step, adapted, record, clean_metrics, stager if background else None)
+        else:
+            frozen = frozen_paths(adapted)  # from the live modules: the staged copy holds state dicts
+            staged = stager.stage(adapted, overlap=self.overlap)
+            try:
+                # Encoded here, in the caller's thread: a state that cannot be saved fails this call, not the next.
+                plan = plan_state(
+                    staged.state, metadata=record, where=self._storage.where(step_name(step)), frozen=frozen
+                )
+            except BaseException:
+                staged.cancel()
+                raise
+            env = {"dataloader_workers": _loader_workers(state)}
+            write = functools.partial(self._write, step, plan, clean_metrics, env, staged)
         self._requested_step = step
         self._last_save_time = time.monotonic()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainstate-save")
-        future = self._executor.submit(self._write, step, plan, clean_metrics, env, staged)
-        self._inflight = future
-        self._staged = staged
-        _IN_FLIGHT.add(self)
-        if not self.async_save or preempted:
-            self.wait()
+        if self._world is not None and not background:
+            try:
+                write()  # in the caller's thread: its collectives go over the default group, as training's do
+            except BaseException:
+                self._requested_step = None
+                raise
+        else:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainstate-save")
+            self._inflight = self._executor.submit(write)
+            self._staged = staged
+            _IN_FLIGHT.add(self)
+            if not background:
+                self.wait()
         if stopper is not None and self.early_stopping is not None:  # async: errors surface on the next call
             self.early_stopping.load_state_dict(stopper.state_dict())
         if preempted:
@@ -449,17 +461,49 @@ class CheckpointManager:
         self._previous = Reuse(step_name(step), {f.name: f for f in manifest.files})
         self._committed(step, metrics)
 
-    def _write_sharded(
-        self, step: int, state: Mapping[str, Any], record: dict[str, Any], metrics: dict[str, float]
-    ) -> None:
-        """A collective save of every rank's share; retention on rank 0, and no rank goes on before it is done."""
-        from trainstate.distributed.sharded import save_sharded
+    def _plan_sharded(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        record: dict[str, Any],
+        metrics: dict[str, float],
+        stager: Stager | None,
+    ) -> tuple[Callable[[], None], Staged | None]:
+        """Plan a collective save of every rank's share (with ``stager``: of a copy staged now, written
+        in the background over the manager's own gloo group); returns what writes it, and the staging."""
+        from trainstate.distributed.sharded import plan_sharded, write_sharded
 
-        if self._coordinator:
-            self._storage.cleanup()
-        save_sharded(self._storage, step_name(step), state, metadata=record)
-        self._committed(step, metrics)
-        dist.barrier()
+        staging: list[Staged] = []
+        group = self._save_group if stager is not None else None
+
+        def stage(captured: dict[str, Any]) -> Mapping[str, Any]:
+            assert stager is not None
+            staging.append(stager.stage(captured))
+            return staging[0].state
+
+        name = step_name(step)
+        try:
+            plan = plan_sharded(
+                state,
+                self._storage.where(name),
+                metadata=record,
+                stage=stage if stager is not None else None,
+                group=group,
+            )
+        except BaseException:
+            for staged in staging:
+                staged.cancel()
+            raise
+
+        def write() -> None:
+            """Retention on rank 0, and no rank goes on before it is done."""
+            if self._coordinator:
+                self._storage.cleanup()
+            write_sharded(self._storage, name, plan, group=group)
+            self._committed(step, metrics)
+            dist.barrier(group=group)
+
+        return write, staging[0] if staging else None
 
     def _committed(self, step: int, metrics: dict[str, float]) -> None:
         """Index a committed step, then delete what retention no longer keeps (rank 0 deletes; every
@@ -753,6 +797,9 @@ class CheckpointManager:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
             self._stager.close()
+            if self._save_group is not None:
+                dist.destroy_process_group(self._save_group)
+                self._save_group = None
             if self._tier is not None:
                 self._tier.close()
             if self._preemption is not None:

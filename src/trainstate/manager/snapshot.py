@@ -186,12 +186,15 @@ class Pooled:
         def copy_tensor(tensor: torch.Tensor, path: Path) -> torch.Tensor:
             # The source stays referenced with its buffer: the alias key is an address, and a
             # state_dict() that builds tensors afresh frees them at once (the address is reused).
-            key = alias_key(tensor)
+            local = _local_shard(tensor)
+            key = alias_key(local)
             if key not in buffers:
-                buffer = self.pool.buffer(path, tensor)
-                staged.pairs.append((tensor, buffer))
+                buffer = self.pool.buffer(path, local)
+                staged.pairs.append((local, buffer))
                 view: torch.Tensor = buffer
-                if isinstance(tensor, torch.nn.Parameter):
+                if local is not tensor:  # a DTensor: its shard staged, under the same placement
+                    view = _dtensor_like(tensor, buffer)
+                elif isinstance(tensor, torch.nn.Parameter):
                     view = torch.nn.Parameter(buffer, requires_grad=tensor.requires_grad)
                 elif tensor.requires_grad:
                     view = buffer.detach().requires_grad_(True)
@@ -220,6 +223,24 @@ class Pooled:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """The shard a DTensor holds on this rank (what staging copies), else the tensor itself."""
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
+        return tensor
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _dtensor_like(live: Any, buffer: torch.Tensor) -> torch.Tensor:
+    """A DTensor over the host ``buffer`` with ``live``'s placement and global shape. Built with the
+    spec as DCP's own stager does: ``DTensor.from_local`` would move the buffer to the mesh's device."""
+    from torch.distributed.tensor import DTensor
+
+    staged: torch.Tensor = DTensor(buffer, live._spec, requires_grad=False)  # type: ignore[call-arg]
+    return staged
 
 
 def _guard(obj: Any, staged: Staged) -> list[Callable[[], None]]:
