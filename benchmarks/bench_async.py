@@ -8,13 +8,16 @@ into buffers that already exist) and against trainstate's sync save.
     python benchmarks/bench_async.py                         # 0.1 and 1 GB, 3 rounds, ~4 min
     python benchmarks/bench_async.py --sizes 0.05 --rounds 1  # smoke test
     python benchmarks/bench_async.py --json out.json --png stall.png
+    python benchmarks/bench_async.py --replot a.json b.json --png stall.png  # saved runs, one plot
 
 Contenders (stall = time the training thread is blocked; total = until durable):
 raw write+fsync of the same bytes; memcpy floor; torch.save+fsync; dcp.save; dcp.async_save (stall,
 total); torch_checkpointing sync and async if installed (``pip install torch-checkpointing``; its
 async stall lasts until its staging is done; it does not fsync); trainstate sync; trainstate async
-(stall, total); trainstate async+overlap (the stall a loop sees: save() returning plus the wait in
-the next optimizer step, beyond that step's own time).
+(stall, total); trainstate async+overlap (stall: save() returning plus the hold before the next
+optimizer step; seen: all the next training step took beyond its own time). Then, at the largest
+size: a fine-tune with 90% of its parameters frozen, full against incremental saves; and the peak
+extra RSS of trainstate's sync and async saves.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from memory import peak_rss
 from peers import torch_checkpointing_manager
 
 import trainstate
@@ -143,16 +147,22 @@ def contenders(model: Any, optimizer: Any, root: str) -> tuple[dict[str, Callabl
         optimizer.zero_grad(set_to_none=False)
 
     def ts_overlap() -> dict[str, float]:
-        """The stall a loop sees: save(), then the next training step (forward and backward overlap the
-        copy; the optimizer step waits in trainstate's hook until it is done), minus that step's own time."""
+        """save(), then the next training step: forward and backward overlap the copy, and the loop is
+        held (``wait_staged``, what the optimizer's step hook does) until it is done. ``stall``: save()
+        returning plus that hold; ``seen``: everything the step took beyond its own time, which adds the
+        slowdown of sharing the cores with the background writer."""
         mgr = manager("overlap")
         plain = timed(train_step)
         start = time.perf_counter()
         mgr.save(next(steps), {"model": model, "optimizer": optimizer})
-        train_step()
+        returned = time.perf_counter() - start
+        model(batch).square().mean().backward()
+        held = timed(mgr.wait_staged)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
         seen = time.perf_counter() - start - plain
         mgr.wait()
-        return {"stall": max(0.0, seen), "total": time.perf_counter() - start}
+        return {"stall": returned + held, "seen": max(0.0, seen), "total": time.perf_counter() - start}
 
     found = {
         "raw write+fsync": raw,
@@ -247,6 +257,8 @@ def measure(gigabytes: float, rounds: int) -> dict[str, Any]:
             row[f"{key}_s"] = statistics.median(values)
         if "stall" in measured:
             row["stall_vs_memcpy"] = per_round(measured["stall"], floor)
+        if "seen" in measured:
+            row["seen_vs_memcpy"] = per_round(measured["seen"], floor)
         if "total" in measured:
             row["total_vs_trainstate_sync"] = per_round(measured["total"], sync)
         rows[name] = row
@@ -305,6 +317,46 @@ def measure_incremental(gigabytes: float, rounds: int) -> dict[str, Any]:
     }
 
 
+def measure_memory(gigabytes: float) -> dict[str, Any]:
+    """Peak extra RSS (VmHWM reset before each save) of a sync save and of two async saves (the first
+    allocates the staging pool, the second reuses it), with the pool's size and the largest file."""
+    model, optimizer = build(gigabytes)
+    state = {"model": model, "optimizer": optimizer}
+    root = tempfile.mkdtemp(prefix="bench-mem-", dir=os.environ.get("BENCH_DIR"))
+    mib = 2**20
+    found: dict[str, Any] = {"gigabytes": sum(t.numel() * t.element_size() for t in tensors_of(model, optimizer)) / 1e9}
+    try:
+        with trainstate.CheckpointManager(os.path.join(root, "sync"), keep_last=1) as mgr:
+            with peak_rss() as rss:
+                mgr.save(1, state)
+            found["sync_extra_mib"] = (rss.peak_kb - rss.baseline_kb) / 1024
+        with trainstate.CheckpointManager(os.path.join(root, "async"), keep_last=1, async_save=True) as mgr:
+            for step in (1, 2):
+                with peak_rss() as rss:
+                    mgr.save(step, state)
+                    mgr.wait()
+                found[f"async_save{step}_extra_mib"] = (rss.peak_kb - rss.baseline_kb) / 1024
+            found["staging_pool_mib"] = mgr.staging_bytes / mib
+            directory = mgr.path(2)
+            found["largest_file_mib"] = (
+                max(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)) / mib
+            )
+        found["method"] = rss.method
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return found
+
+
+def in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """``fn(*args)`` in a new interpreter: memory this process freed stays resident in its heap and
+    would hide new allocations from the RSS counters."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def plot(results: list[dict[str, Any]], path: str) -> None:
     import matplotlib
 
@@ -312,18 +364,20 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    names = [n for n in results[0]["contenders"] if "stall_s" in results[0]["contenders"][n]]
+    contenders = results[0]["contenders"]
+    series = [(n, "stall_s", n) for n in contenders if "stall_s" in contenders[n]]
+    series += [(n, "seen_s", f"{n}: next step's extra time") for n in contenders if "seen_s" in contenders[n]]
     sizes = [r["gigabytes"] for r in results]
-    for name in names:
-        stalls = [max(r["contenders"][name]["stall_s"], 1e-4) for r in results]  # log axis: 0 shows as 0.1 ms
-        ax.plot(sizes, stalls, marker="o", label=name)
+    for name, key, label in series:
+        values = [max(r["contenders"][name][key], 1e-4) for r in results]  # log axis: 0 shows as 0.1 ms
+        ax.plot(sizes, values, marker="o", label=label, linestyle="--" if key == "seen_s" else "-")
     ax.set_xlabel("state size (GB)")
     ax.set_ylabel("training stall (s, median)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("Checkpoint stall, one interleaved run")
+    ax.set_title("Checkpoint stall (interleaved rounds per size)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -334,14 +388,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json")
     parser.add_argument("--png")
+    parser.add_argument("--replot", nargs="+", metavar="JSON", help="plot saved runs' --json files to --png; no run")
     args = parser.parse_args()
+    if args.replot:
+        saved = [json.load(open(path)) for path in args.replot]
+        plot(sorted((r for run in saved for r in run["stall"]), key=lambda r: r["gigabytes"]), args.png)
+        return
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     results = [measure(float(size), args.rounds) for size in args.sizes.split(",")]
-    incremental = measure_incremental(max(float(s) for s in args.sizes.split(",")), args.rounds)
-    print(json.dumps({"stall": results, "incremental": incremental}, indent=2))
+    largest = max(float(s) for s in args.sizes.split(","))
+    found = {
+        "stall": results,
+        "incremental": measure_incremental(largest, args.rounds),
+        "memory": in_fresh_process(measure_memory, largest),
+    }
+    print(json.dumps(found, indent=2))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"stall": results, "incremental": incremental}, f, indent=2)
+            json.dump(found, f, indent=2)
     if args.png:
         plot(results, args.png)
 

@@ -12,21 +12,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import xxhash
+from memory import peak_rss
 from peers import torch_checkpointing_manager
 
 import trainstate
 
 MAX_WIDTH = 2048
-SAMPLE_INTERVAL_S = 0.002
 CHILD_TIMEOUT_S = 600
 
 SAVE_OPS = ("trainstate.save", "torch.save+fsync", "torch.save")
@@ -107,63 +105,6 @@ def fingerprint(model: Model, opt: Optimizer) -> str:
     for t in tensors_of(model, opt):
         hasher.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return hasher.hexdigest()
-
-
-# --------------------------------------------------------------------------- memory
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0, writing "5" to clear_refs); False if refused."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _status_kb("VmHWM") <= _status_kb("VmRSS") + 64
-
-
-@dataclass
-class PeakRss:
-    """RSS at entry and peak RSS inside the block, in kB; from VmHWM when it can be reset, else sampled."""
-
-    baseline_kb: int = 0
-    peak_kb: int = 0
-    method: str = ""
-
-
-@contextmanager
-def peak_rss() -> Iterator[PeakRss]:
-    result = PeakRss(baseline_kb=_status_kb("VmRSS"))
-    if _reset_hwm():
-        result.method = "VmHWM"
-        yield result
-        result.peak_kb = _status_kb("VmHWM")
-        return
-    result.method = f"VmRSS sampled every {SAMPLE_INTERVAL_S * 1e3:g} ms"
-    stop = threading.Event()
-    peak = [result.baseline_kb]
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _status_kb("VmRSS"))
-            time.sleep(SAMPLE_INTERVAL_S)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        yield result
-    finally:
-        stop.set()
-        sampler.join()
-        result.peak_kb = max(peak[0], _status_kb("VmRSS"))
 
 
 # --------------------------------------------------------------------------- operations (run in a child)
