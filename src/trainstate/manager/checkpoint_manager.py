@@ -797,9 +797,9 @@ class CheckpointManager:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
             self._stager.close()
-            if self._save_group is not None:
-                dist.destroy_process_group(self._save_group)
-                self._save_group = None
+            group, self._save_group = self._save_group, None
+            if group is not None and dist.is_initialized():  # a destroyed default group took it along
+                dist.destroy_process_group(group)
             if self._tier is not None:
                 self._tier.close()
             if self._preemption is not None:
