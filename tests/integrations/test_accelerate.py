@@ -1,12 +1,15 @@
 """trainstate.integrations.accelerate against the real Accelerate: everything ``Accelerator.save_state``
 saves, as one atomic pickle-free checkpoint, restored exactly; retention after the commit; a dir-less
-load past a damaged checkpoint; and a SIGKILLed training subprocess that resumes bit-identically."""
+load past a damaged checkpoint; a SIGKILLed training subprocess that resumes bit-identically; and a
+two-process (gloo) run whose every rank resumes bit-identically from one sharded checkpoint."""
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import warnings
@@ -363,3 +366,56 @@ def test_sigkilled_training_subprocess_resumes_bit_identically(tmp_path):
     assert losses == expected, [s for s in expected if losses.get(s) != expected[s]][:5]
     assert_same(trainstate.load(run / "final"), trainstate.load(tmp_path / "reference" / "final"))
     assert trainstate.CheckpointManager(run / "checkpoints").steps() == [5, 6]  # total_limit=2 of iterations 0..6
+
+
+# ------------------------------------------------------------------------- two processes (gloo)
+def _ranks(directory: Path, total_steps: int, world: int = 2) -> list[subprocess.Popen[str]]:
+    """accelerate_run.py as ``world`` processes of one gloo job, the way ``accelerate launch`` starts them."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, str(RUN), "--dir", str(directory), "--total-steps", str(total_steps), "--save-every", "4"]
+    launch = {"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1"}
+    return [
+        subprocess.Popen(
+            cmd,
+            env={**os.environ, **launch, "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for rank in range(world)
+    ]
+
+
+def _per_rank(procs: list[subprocess.Popen[str]]) -> list[tuple[int, dict[int, str]]]:
+    """Each rank's start step and per-step losses, once every rank exited cleanly."""
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    found = []
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+        starts = [int(line.split()[1]) for line in out.splitlines() if line.startswith("start ")]
+        losses = {int(w[1]): w[3] for w in (line.split() for line in out.splitlines()) if w[:1] == ["step"]}
+        found.append((starts[0], losses))
+    return found
+
+
+@pytest.mark.slow
+def test_a_two_process_run_resumes_every_rank_bit_identically(tmp_path):
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    uninterrupted = _ranks(reference, total_steps=20)  # runs beside the interrupted one
+    first = _per_rank(_ranks(run, total_steps=10))  # checkpoints at steps 4 and 8, stops at 10
+    resumed = _per_rank(_ranks(run, total_steps=20))
+    expected = _per_rank(uninterrupted)
+    assert expected[0][1] != expected[1][1]  # each rank trains on its own shard of the data
+    for rank in range(2):
+        assert (first[rank][0], resumed[rank][0]) == (0, 8), rank
+        assert sorted(expected[rank][1]) == list(range(1, 21))
+        assert {**first[rank][1], **resumed[rank][1]} == expected[rank][1], rank
+    assert sorted(os.listdir(run / "checkpoints" / "step_00000004")) == [
+        "manifest.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
+    assert_same(trainstate.load(run / "final"), trainstate.load(reference / "final"))
