@@ -54,3 +54,10 @@ def test_async_save_copies_cuda_state_before_returning(tmp_path):
         with torch.no_grad():
             model.weight.add_(1)
     assert torch.equal(trainstate.load(tmp_path / "step_00000001", map_location="cpu")["model"]["weight"], expected)
+
+
+def test_the_manager_s_trigger_agreement_uses_cuda_under_nccl_alone():
+    from trainstate.manager.checkpoint_manager import _reduce_device
+
+    assert _reduce_device("nccl") == torch.device("cuda", torch.cuda.current_device())
+    assert _reduce_device("cpu:gloo,cuda:nccl") == torch.device("cpu")

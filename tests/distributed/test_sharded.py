@@ -223,6 +223,13 @@ def test_an_async_write_failing_on_one_rank_fails_every_rank_and_commits_nothing
     CheckpointReader(*split_path(tmp_path / "step_00000001")).verify()
 
 
+def test_the_manager_s_trigger_agreement_uses_a_device_the_default_backend_takes():
+    from trainstate.manager.checkpoint_manager import _reduce_device
+
+    for backend in ("gloo", "mpi", "cpu:gloo,cuda:nccl"):  # NCCL alone: CUDA (tests/test_gpu.py)
+        assert _reduce_device(backend) == torch.device("cpu"), backend
+
+
 def test_export_consolidates_a_sharded_model_one_tensor_at_a_time(fsdp_checkpoint, tmp_path, monkeypatch):
     import gc
     import weakref

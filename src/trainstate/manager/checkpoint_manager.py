@@ -945,9 +945,17 @@ def _storage(location: str | os.PathLike[str] | Storage, options: StorageOptions
 
 def _agree_any(*flags: bool) -> tuple[bool, ...]:
     """Each flag True on every rank if it is True on any rank."""
-    values = torch.tensor([int(f) for f in flags])
+    values = torch.tensor([int(f) for f in flags], device=_reduce_device(dist.get_backend()))
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return tuple(bool(v) for v in values.tolist())
+
+
+def _reduce_device(backend: str) -> torch.device:
+    """Where a tensor for the default group's all-reduce must live: the CPU when its backend takes
+    CPU tensors (gloo, mpi, ``"cpu:gloo,cuda:nccl"``), else this process's current CUDA device (NCCL alone)."""
+    if "nccl" in backend and "gloo" not in backend and "mpi" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _agree_same(value: int, what: str, where: str) -> None:
